@@ -1,0 +1,147 @@
+"""
+The masked-diffusion (MD) objective, in one file you can copy.
+
+Training (paper §3.3, §5):
+    t  ~ U[t0, t1]                    mask ratio per sequence     (Def. 3.4)
+    xt = x0 with each token -> MASK   independently, prob. t      (Def. 3.4)
+    loss = (1/t) * sum_{masked i} CE(model(xt)_i, x0_i) / L       (§5, LLaDA Eq. 3)
+
+The standard recipe is t ~ U[0, 1]; the paper's point is that a narrower,
+signal-rich window (e.g. U[0.45, 0.55] for language, U[0, 0.246] for (20,6)
+parity) trains better. Whatever window a model trains on, it is *evaluated* with
+t over the full [0, 1] (`elbo_nll`), so runs on different windows compare.
+"""
+
+import torch
+import torch.nn.functional as F
+
+# The 1/t weight is infinite at t = 0. U[0, t1] draws t arbitrarily close to 0
+# (MDLM and LLaDA hit the same issue), where a single draw with one masked token
+# would carry weight ~1/t and blow up the gradient. Flooring t at 1e-3 bounds the
+# weight by 1000 and changes the expected loss by a negligible O(eps) amount.
+EPS = 1e-3
+
+def check_interval(t0, t1):
+    """Raise a one-line ValueError unless 0 <= t0 <= t1 <= 1."""
+    if not (0.0 <= t0 <= 1.0 and 0.0 <= t1 <= 1.0):
+        raise ValueError(f"mask ratios must lie in [0, 1], got t0={t0}, t1={t1}")
+    if t0 > t1:
+        raise ValueError(f"need t0 <= t1, got t0={t0} > t1={t1}")
+
+def check_mask_id(mask_id, tokenizer_vocab, model_vocab):
+    """The MASK token must be a new id: outside the tokenizer's real vocabulary, inside the model's."""
+    if 0 <= mask_id < tokenizer_vocab:
+        raise ValueError(f"mask id {mask_id} is a real token of the tokenizer (vocab {tokenizer_vocab}); "
+                         f"pick an id >= {tokenizer_vocab}")
+    if not 0 <= mask_id < model_vocab:
+        raise ValueError(f"mask id {mask_id} is outside the model's vocabulary of {model_vocab}")
+
+def sample_t(n, t0=0.0, t1=1.0, *, stratified=False, generator=None, device=None):
+    """n mask ratios, uniform on [t0, t1] (Def. 3.4). t0 == t1 is a point mass.
+
+    stratified=True is MDLM's low-discrepancy draw: one shared random offset u and
+    t_i = t0 + (t1 - t0) * ((u + i/n) mod 1), so the n values tile [t0, t1] evenly
+    (spacing (t1 - t0)/n) while each one is still marginally uniform. It lowers
+    the variance of the batch loss at no cost.
+    """
+    check_interval(t0, t1)
+    if stratified:
+        u = torch.rand(1, generator=generator, device=device)
+        r = (u + torch.arange(n, device=device) / n) % 1.0
+    else:
+        r = torch.rand(n, generator=generator, device=device)
+    return t0 + (t1 - t0) * r
+
+def mask_tokens(x0, t, mask_id, *, maskable=None, generator=None):
+    """Replace each token of row b by `mask_id` independently with probability t[b].
+
+    `maskable` (bool, same shape as x0) limits where masks may fall: SFT keeps
+    the prompt clean this way (LLaDA §2.3). Returns (xt, masked).
+    """
+    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    masked = u < t[:, None]
+    if maskable is not None:
+        masked &= maskable
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    return xt, masked
+
+def md_loss(logits, x0, masked, t, *, maskable=None, reduction="mean"):
+    """The MD loss (§5; LLaDA Eq. 3 for pre-training, Eq. 5 for SFT):
+
+        (1/B) sum_b (1/t_b) sum_i masked[b,i] * CE(logits[b,i], x0[b,i]) / L_b
+
+    L_b = number of maskable positions of row b (the full length when maskable is
+    None): dividing by it gives LLaDA's pre-training loss (sum over b*L) and its
+    SFT loss (each answer normalised by its own length).
+
+    logits: (B, L, V), or (n_masked, V) already taken at the masked positions in
+    row-major order (what `Transformer(..., output_mask=masked)` returns).
+    reduction="none" returns the B per-row terms instead of their mean.
+    """
+    B, L = x0.shape
+    if logits.dim() == 3:
+        logits = logits[masked]
+    ce = F.cross_entropy(logits.float(), x0[masked], reduction="none")
+    n_valid = maskable.sum(1) if maskable is not None else torch.full_like(t, L)
+    row_weight = 1.0 / (t.clamp_min(EPS) * n_valid.clamp_min(1))    # Eq. (1): 1/t weight
+    row = masked.nonzero()[:, 0]
+    rows = torch.zeros(B, device=ce.device).index_add_(0, row, ce * row_weight[row])
+    return rows.mean() if reduction == "mean" else rows
+
+
+def md_mse_loss(pred, x0, masked, t, *, reduction="mean"):
+    """The paper's squared-loss objective, Def. 3.6 / Eq. (1), on +-1 targets:
+
+        (1/B) sum_b 1/(2 t_b) sum_{i masked} (pred[b,i] - x0[b,i])^2
+
+    pred and x0 are real (B, L); used by the theory-faithful parity MLP (§4.1).
+    """
+    sq = (pred - x0.to(pred.dtype)).square() * masked
+    rows = sq.sum(1) / (2 * t.clamp_min(EPS))
+    return rows.mean() if reduction == "mean" else rows
+
+
+@torch.no_grad()
+def elbo_terms(model_fn, x0, mask_id, *, n_t=8, maskable=None, generator=None):
+    """Per-draw terms of the full-range bound: returns (t, nll), each (B * n_t,).
+
+    For every sequence, n_t mask ratios tile (0, 1] (stratified). Each draw masks
+    exactly l = ceil(t * L) maskable tokens at random and scores the mean CE over
+    them. Averaging over l uniform on {1..L} equals the continuous-time bound
+    E_{t~U[0,1]} E_m[(1/t) sum_masked CE] / L exactly, because
+    int_0^1 (1/t) Binom(l; L, t) dt = 1/l (LLaDA App. B.6 / Ou et al. 2025), and it
+    has much lower variance than drawing a Bernoulli mask and weighting by 1/t.
+    A model with uniform logits scores log V on every draw.
+    """
+    B, L = x0.shape
+    x = x0.repeat_interleave(n_t, 0)
+    valid = (maskable.repeat_interleave(n_t, 0) if maskable is not None
+             else torch.ones_like(x, dtype=torch.bool))
+    n_valid = valid.sum(1)
+    t = torch.cat([1.0 - sample_t(n_t, stratified=True, generator=generator, device=x0.device)
+                   for _ in range(B)])                              # in (0, 1]
+    n_mask = (t * n_valid).ceil().clamp(1, None).long()
+    # mask the n_mask[b] valid positions with the smallest random scores
+    scores = torch.rand(x.shape, generator=generator, device=x0.device).masked_fill(~valid, 2.0)
+    rank = scores.argsort(1).argsort(1)
+    masked = rank < n_mask[:, None]
+    xt = torch.where(masked, torch.full_like(x, mask_id), x)
+    logits = model_fn(xt)
+    ce = F.cross_entropy(logits[masked].float(), x[masked], reduction="none")
+    row = masked.nonzero()[:, 0]
+    nll = torch.zeros(len(x), device=x0.device).index_add_(0, row, ce) / n_mask
+    return t, nll
+
+def elbo_nll(model_fn, x0, mask_id, *, n_t=8, maskable=None, generator=None):
+    """The held-out test loss of §5: the MD bound on NLL per token (nats), t over
+    the FULL [0, 1] whatever interval the model trained on. Pass a seeded
+    `generator` so every run is scored on the same draws."""
+    t, nll = elbo_terms(model_fn, x0, mask_id, n_t=n_t, maskable=maskable, generator=generator)
+    return nll.mean().item()
+
+def loss_per_t_bin(t, nll, n_bins=10):
+    """Mean of `nll` within each of n_bins equal-width bins of t in [0, 1] (NaN if a bin is empty)."""
+    b = (t * n_bins).ceil().clamp(1, n_bins).long() - 1
+    sums = torch.zeros(n_bins, device=t.device).index_add_(0, b, nll)
+    counts = torch.zeros(n_bins, device=t.device).index_add_(0, b, torch.ones_like(nll))
+    return (sums / counts).tolist()

@@ -1,0 +1,395 @@
+"""
+One bidirectional transformer, from the parity toy to LLaDA-8B.
+
+Masked diffusion needs no causal mask: every position sees every other one and
+the model predicts the original token wherever the input holds MASK. Two
+switches set make the same class the paper's nanoGPT models (LayerNorm, GELU
+MLP, learned positions, tied head) or, exactly, LLaDA-8B (RMSNorm in fp32,
+SwiGLU, RoPE theta 500000, no biases, untied head). Module names follow
+LLaDA's Hugging Face checkpoint, so its safetensors load after stripping
+"model." (`load_safetensors`).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    mask_id: int = 50257          # the MASK token; outside the tokenizer's real vocabulary
+    block_size: int = 150         # longest sequence the model accepts
+    n_layer: int = 8
+    n_head: int = 8
+    d_model: int = 512
+    mlp_hidden: int = 2048
+    norm: str = "layernorm"       # "layernorm" (nanoGPT) | "rmsnorm" (LLaDA)
+    mlp: str = "gelu"             # "gelu" (nanoGPT) | "swiglu" (LLaDA)
+    pos: str = "learned"          # "learned" (nanoGPT) | "rope" (LLaDA)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    bias: bool = True
+    tie_weights: bool = True      # share the input embedding with the output head
+    dropout: float = 0.0
+    grad_checkpoint: bool = False  # recompute each block in backward: memory for compute
+
+    def __post_init__(self):
+        choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "pos": ("learned", "rope")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if not 0 <= self.mask_id < self.vocab_size:
+            raise ValueError(f"mask_id {self.mask_id} is outside the vocabulary of {self.vocab_size}")
+
+
+PRESETS = {
+    # a few thousand parameters: unit tests
+    "tiny": ModelConfig(vocab_size=16, mask_id=15, block_size=32, n_layer=2, n_head=2, d_model=32, mlp_hidden=64),
+    # (n, k) parity, §4.5: tokens {-1: 0, +1: 1, MASK: 2}; parity.py sets block_size = n + 1
+    "parity": ModelConfig(vocab_size=3, mask_id=2, block_size=64, n_layer=2, n_head=4, d_model=128, mlp_hidden=512),
+    # §5.1: nanoGPT-style ~50M on WikiText; GPT-2 BPE (50257 ids) + MASK = 50257, padded to 50304
+    "wikitext-50m": ModelConfig(vocab_size=50304, mask_id=50257, block_size=150, n_layer=8, n_head=8,
+                                d_model=512, mlp_hidden=2048),
+    # §5.2: LLaDA-8B (Nie et al. 2025), the architecture of GSAI-ML/LLaDA-8B-Base
+    "llada-8b": ModelConfig(vocab_size=126464, mask_id=126336, block_size=4096, n_layer=32, n_head=32,
+                            d_model=4096, mlp_hidden=12288, norm="rmsnorm", mlp="swiglu", pos="rope",
+                            rope_theta=500000.0, bias=False, tie_weights=False),
+}
+
+
+def get_config(preset, **overrides):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+    return replace(PRESETS[preset], **overrides)
+
+
+class RMSNorm(nn.Module):
+    """LLaDA/OLMo RMSNorm: normalise in fp32 (bf16 squares lose precision), then scale."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg):
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope(x, theta):
+    """Rotary embedding, rotate-half layout (LLaDA/OLMo/LLaMA-HF), angles in fp32. x: (B, H, L, hd)."""
+    L, hd = x.shape[-2], x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    angles = torch.outer(torch.arange(L, device=x.device, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + Attn(norm(x)), then x + MLP(norm(x)). Attention is bidirectional."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d, b = cfg.d_model, cfg.bias
+        self.attn_norm = make_norm(cfg)
+        self.q_proj = nn.Linear(d, d, bias=b)
+        self.k_proj = nn.Linear(d, d, bias=b)
+        self.v_proj = nn.Linear(d, d, bias=b)
+        self.attn_out = nn.Linear(d, d, bias=b)
+        self.ff_norm = make_norm(cfg)
+        self.ff_proj = nn.Linear(d, cfg.mlp_hidden, bias=b)       # SwiGLU: the gate
+        if cfg.mlp == "swiglu":
+            self.up_proj = nn.Linear(d, cfg.mlp_hidden, bias=b)
+        self.ff_out = nn.Linear(cfg.mlp_hidden, d, bias=b)        # down projection
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def attention(self, x):
+        B, L, d = x.shape
+        H = self.cfg.n_head
+        q, k, v = (proj(x).view(B, L, H, d // H).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.cfg.pos == "rope":
+            q, k = rope(q, self.cfg.rope_theta), rope(k, self.cfg.rope_theta)
+        drop = self.cfg.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=False)
+        return self.attn_out(y.transpose(1, 2).reshape(B, L, d))
+
+    def mlp(self, x):
+        if self.cfg.mlp == "swiglu":
+            return self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))
+        return self.ff_out(F.gelu(self.ff_proj(x)))
+
+    def forward(self, x):
+        x = x + self.dropout(self.attention(self.attn_norm(x)))
+        return x + self.dropout(self.mlp(self.ff_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        parts = dict(wte=nn.Embedding(cfg.vocab_size, cfg.d_model),
+                     blocks=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                     ln_f=make_norm(cfg),
+                     ff_out=nn.Linear(cfg.d_model, cfg.vocab_size, bias=False))
+        if cfg.pos == "learned":
+            parts["wpe"] = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.transformer = nn.ModuleDict(parts)
+        if cfg.tie_weights:
+            self.transformer.ff_out.weight = self.transformer.wte.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if name.endswith(("attn_out.weight", "ff_out.weight")) and ".blocks." in name:
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+            elif p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)                                     # norm scales
+
+    def forward(self, idx, output_mask=None):
+        """idx (B, L) token ids -> logits (B, L, V).
+
+        output_mask (bool, B x L): run the output head only where it is True and
+        return (n_true, V) logits in row-major order. The MD loss needs logits
+        only at masked positions, so at small t this skips most of the
+        d_model x vocab matmul, the costliest layer of a small model.
+        """
+        B, L = idx.shape
+        if L > self.cfg.block_size:
+            raise ValueError(f"sequence length {L} exceeds the model's block_size {self.cfg.block_size}")
+        x = self.transformer.wte(idx)
+        if self.cfg.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(L, device=idx.device))
+        for block in self.transformer.blocks:
+            if self.cfg.grad_checkpoint and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.transformer.ln_f(x)
+        if output_mask is not None:
+            x = x[output_mask]
+        return self.transformer.ff_out(x)
+
+    # ---- what a training script needs from a model --------------------------------
+
+    def num_params(self, non_embedding=False):
+        """Parameter count (shared tensors once). non_embedding drops the lookup tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() * (not self.cfg.tie_weights)
+            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+        return n
+
+    def flops_per_token(self, seq_len, head_fraction=1.0):
+        """Training FLOPs per token (forward + backward), PaLM/nanoGPT accounting:
+        6 per matmul weight, plus 12 * n_layer * d_model * seq_len for attention
+        scores and values (bidirectional: the full L x L, no causal halving).
+        head_fraction: share of positions that run the output head (masked-only head)."""
+        cfg = self.cfg
+        head = cfg.vocab_size * cfg.d_model
+        body = self.num_params(non_embedding=True) - head
+        return 6 * (body + head_fraction * head) + 12 * cfg.n_layer * cfg.d_model * seq_len
+
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
+        """AdamW; weight decay on matrices and embeddings only, never on norms or biases."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def device_peak_flops(device):
+    """Peak bf16 FLOP/s of the current CUDA card, or None where we have no honest number (CPU)."""
+    if not (str(device).startswith("cuda") and torch.cuda.is_available()):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def estimate_mfu(flops_per_token, tokens_per_sec, peak_flops):
+    """Model FLOPs utilisation: achieved training FLOP/s over the card's peak (None without a peak)."""
+    return None if not peak_flops else flops_per_token * tokens_per_sec / peak_flops
+
+
+def apply_fsdp(model, mixed_precision=True):
+    """FSDP2: shard every block, then the root (embeddings, final norm, head).
+    With mixed_precision, compute in bf16 and reduce gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
+    kwargs = {"mp_policy": mp} if mp is not None else {}
+    for block in model.transformer.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+# ---- LLaDA's Hugging Face safetensors format ------------------------------------------
+
+def _checkpoint_folder(path_or_id):
+    """A local folder as is; anything else is taken for a Hub id and downloaded (safetensors + json only)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")):
+        raise ValueError(f"checkpoint {path_or_id!r} is not a folder with model.safetensors[.index.json]")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path_or_id, allow_patterns=["*.safetensors", "*.json"])
+    except Exception as e:  # offline, unknown repo, gated: one line for the user
+        raise ValueError(f"checkpoint {path_or_id!r} is no local folder and the Hub download failed: "
+                         f"{type(e).__name__}") from None
+
+
+def read_safetensors(path_or_id):
+    """State dict of a (sharded) safetensors checkpoint, keys without the "model." prefix."""
+    from safetensors.torch import load_file
+    folder = _checkpoint_folder(path_or_id)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"{folder} has neither model.safetensors.index.json nor model.safetensors")
+    state = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise ValueError(f"shard {name} named in {index} is missing")
+        state.update(load_file(path))
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def load_safetensors(model, path_or_id):
+    """Load a LLaDA-format checkpoint into `model`, checking every key and shape first.
+    A model built on the meta device takes the checkpoint's tensors as they are."""
+    state = read_safetensors(path_or_id)
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if v]
+        raise ValueError(f"checkpoint {path_or_id} does not fit the model: " + "; ".join(parts))
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(state, assign=on_meta)
+    if model.cfg.tie_weights:
+        model.transformer.ff_out.weight = model.transformer.wte.weight
+    return model
+
+
+def save_safetensors(model, folder, max_shard_bytes=5 * 2**30):
+    """Write `model` as LLaDA's checkpoints are laid out: "model."-prefixed keys in
+    model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for k, v in model.state_dict().items():
+        nbytes = v.numel() * v.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current["model." + k] = v.detach().cpu().clone().contiguous()   # clone: tied tensors saved twice
+        size += nbytes
+    shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# ---- LLaDA's reverse process (sampler) ------------------------------------------------
+
+def transfer_schedule(n_masked, steps):
+    """How many tokens to unmask at each of `steps` steps: n_masked split as evenly as
+    possible, the remainder going to the earliest steps. n_masked: (B,) -> (B, steps)."""
+    base = n_masked[:, None] // steps
+    extra = torch.arange(steps, device=n_masked.device)[None, :] < (n_masked % steps)[:, None]
+    return base + extra.long()
+
+
+@torch.no_grad()
+def generate(model, prompt, *, mask_id, gen_length=128, steps=128, block_length=128,
+             temperature=0.0, cfg_scale=0.0, remasking="low_confidence"):
+    """LLaDA's sampler (Nie et al. 2025, Alg. 4/5): append gen_length MASKs to the
+    prompt; fill them block by block (semi-autoregressive, left to right), each
+    block in steps / n_blocks steps. At every step the model predicts all masked
+    tokens, and the most confident (or random) predictions are kept while the
+    rest stay masked ("low-confidence remasking").
+
+    temperature: 0 is greedy; > 0 samples with Gumbel noise in float64 (in low
+    precision the Gumbel-max trick degrades, LLaDA §B.3). cfg_scale > 0 adds
+    classifier-free guidance against the prompt-masked input.
+    """
+    if gen_length % block_length or steps % (gen_length // block_length):
+        raise ValueError("gen_length must be a multiple of block_length, and steps of the number of blocks")
+    B, P = prompt.shape
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :P] = prompt
+    is_prompt = x != mask_id
+    n_blocks = gen_length // block_length
+    for blk in range(n_blocks):
+        lo, hi = P + blk * block_length, P + (blk + 1) * block_length
+        schedule = transfer_schedule((x[:, lo:hi] == mask_id).sum(1), steps // n_blocks)
+        for i in range(steps // n_blocks):
+            masked = x == mask_id
+            if cfg_scale > 0:
+                unconditional = x.masked_fill(is_prompt, mask_id)
+                cond, uncond = model(torch.cat([x, unconditional])).chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            else:
+                logits = model(x)
+            logits = logits.double()
+            logits[..., mask_id] = -math.inf                     # never "predict" MASK itself
+            if temperature > 0:   # Gumbel-max: argmax(logits / T + G) samples softmax(logits / T)
+                u = torch.rand_like(logits).clamp_min(1e-300)
+                logits_sampled = logits / temperature - torch.log(-torch.log(u))
+            else:
+                logits_sampled = logits
+            pred = logits_sampled.argmax(-1)
+            if remasking == "low_confidence":
+                confidence = F.softmax(logits, -1).gather(-1, pred[..., None])[..., 0]
+            elif remasking == "random":
+                confidence = torch.rand(pred.shape, device=x.device, dtype=torch.float64)
+            else:
+                raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+            confidence[:, hi:] = -math.inf                       # later blocks wait their turn
+            confidence = confidence.masked_fill(~masked, -math.inf)
+            rank = confidence.argsort(1, descending=True).argsort(1)
+            keep = rank < schedule[:, i:i + 1]                   # the k most confident masked tokens
+            x = torch.where(keep, pred, x)
+    return x

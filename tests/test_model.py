@@ -1,0 +1,226 @@
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import masking
+import model
+
+
+def small_llada(**kw):
+    """LLaDA's architecture (RMSNorm, SwiGLU, RoPE, untied, no bias) at toy size."""
+    cfg = dict(vocab_size=40, mask_id=39, block_size=16, n_layer=2, n_head=2, d_model=16, mlp_hidden=24,
+               norm="rmsnorm", mlp="swiglu", pos="rope", rope_theta=500000.0, bias=False, tie_weights=False)
+    return model.ModelConfig(**{**cfg, **kw})
+
+
+@pytest.mark.parametrize("preset", ["tiny", "parity", "wikitext-50m"])
+def test_forward_shapes(preset):
+    cfg = model.PRESETS[preset]
+    m = model.Transformer(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, min(cfg.block_size, 24)))
+    assert m(idx).shape == (2, idx.shape[1], cfg.vocab_size)
+    out_mask = torch.zeros_like(idx, dtype=torch.bool)
+    out_mask[0, 3] = out_mask[1, 0] = True
+    full = m(idx)
+    assert torch.allclose(m(idx, output_mask=out_mask), full[out_mask], atol=1e-5)
+
+
+def test_llada_8b_parameter_count_on_meta():
+    with torch.device("meta"):
+        m = model.Transformer(model.PRESETS["llada-8b"])
+    V, d, n_layer, hidden = 126464, 4096, 32, 12288
+    per_block = 4 * d * d + 3 * d * hidden + 2 * d       # q,k,v,out; gate,up,down; two RMSNorm scales
+    assert m.num_params() == 2 * V * d + n_layer * per_block + d == 8_015_581_184
+    assert m.cfg.mask_id == 126336 and m.cfg.block_size == 4096
+    assert all(p.is_meta for p in m.parameters())
+
+
+def test_wikitext_preset_is_about_50m():
+    m = model.Transformer(model.PRESETS["wikitext-50m"])
+    assert 45e6 < m.num_params() < 55e6
+
+
+def test_rope_depends_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8), torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8)
+    rq, rk = model.rope(q, 100.0), model.rope(k, 100.0)
+    scores = rq[0, 0] @ rk[0, 0].T                               # (12, 12)
+    for offset in (0, 1, 5):
+        diag = torch.diagonal(scores, offset)
+        assert torch.allclose(diag, diag[0].expand_as(diag), atol=1e-4)
+    # rotate-half layout: feature i pairs with i + hd/2 and turns by pos * theta^(-2i/hd)
+    x = torch.zeros(1, 1, 4, 8)
+    x[..., 0] = 1.0
+    pos, ang = 3, 3 * 100.0 ** (-0 / 8)
+    out = model.rope(x, 100.0)[0, 0, pos]
+    assert out[0].item() == pytest.approx(math.cos(ang), abs=1e-6)
+    assert out[4].item() == pytest.approx(math.sin(ang), abs=1e-6)
+
+
+def test_rmsnorm_is_fp32_and_matches_formula():
+    n = model.RMSNorm(6, 1e-5)
+    x = torch.randn(3, 6, dtype=torch.bfloat16)
+    want = (x.float() / (x.float().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()).to(torch.bfloat16)
+    assert torch.equal(n(x), want)
+
+
+def test_attention_is_bidirectional():
+    m = model.Transformer(model.PRESETS["tiny"]).eval()
+    idx = torch.randint(0, 15, (1, 10))
+    changed = idx.clone()
+    changed[0, -1] = (idx[0, -1] + 1) % 15
+    assert not torch.allclose(m(idx)[0, 0], m(changed)[0, 0])   # position 0 sees the last token
+
+
+def test_optimizer_groups_skip_norms_and_biases():
+    m = model.Transformer(model.PRESETS["tiny"])
+    opt = m.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == m.num_params()
+
+
+def test_flops_and_mfu():
+    m = model.Transformer(model.PRESETS["wikitext-50m"])
+    cfg = m.cfg
+    head = cfg.vocab_size * cfg.d_model
+    d, h = cfg.d_model, cfg.mlp_hidden
+    per_block = 4 * d * d + 2 * d * h + (4 * d + h + d) + 2 * 2 * d     # weights, biases, two LayerNorms
+    body = cfg.n_layer * per_block + 2 * d                              # + final LayerNorm
+    assert m.flops_per_token(150) == 6 * body + 6 * head + 12 * cfg.n_layer * d * 150
+    assert m.flops_per_token(150, head_fraction=0.1) < m.flops_per_token(150)
+    assert model.estimate_mfu(1e9, 1000.0, 1e13) == pytest.approx(0.1)
+    assert model.estimate_mfu(1e9, 1000.0, None) is None
+
+
+def test_grad_checkpoint_gives_same_gradients():
+    torch.manual_seed(0)
+    a = model.Transformer(model.PRESETS["tiny"])
+    b = model.Transformer(model.ModelConfig(**{**vars(model.PRESETS["tiny"]), "grad_checkpoint": True}))
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 15, (2, 12))
+    for m in (a, b):
+        m(idx).square().mean().backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-6)
+
+
+def test_bad_config_is_one_line_error():
+    with pytest.raises(ValueError, match="mask_id"):
+        model.ModelConfig(vocab_size=10, mask_id=10)
+    with pytest.raises(ValueError, match="divisible"):
+        model.ModelConfig(d_model=30, n_head=4)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        model.get_config("gpt-5")
+    m = model.Transformer(model.PRESETS["tiny"])
+    with pytest.raises(ValueError, match="block_size"):
+        m(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_safetensors_round_trip_in_llada_format(tmp_path):
+    torch.manual_seed(0)
+    src = model.Transformer(small_llada())
+    model.save_safetensors(src, tmp_path, max_shard_bytes=20_000)           # several shards
+    import json
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    for key in ["model.transformer.wte.weight", "model.transformer.ln_f.weight", "model.transformer.ff_out.weight",
+                *(f"model.transformer.blocks.1.{n}.weight" for n in
+                  ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj", "ff_out"))]:
+        assert key in index["weight_map"]
+    assert len(index["weight_map"]) == 3 + 2 * 9
+    with torch.device("meta"):
+        dst = model.Transformer(small_llada())
+    model.load_safetensors(dst, str(tmp_path))
+    idx = torch.randint(0, 40, (2, 16))
+    assert torch.equal(src(idx), dst(idx))
+
+
+def test_safetensors_loader_reports_mismatch(tmp_path):
+    model.save_safetensors(model.Transformer(small_llada()), tmp_path)
+    with pytest.raises(ValueError, match="missing keys"):
+        model.load_safetensors(model.Transformer(small_llada(n_layer=3)), str(tmp_path))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        model.load_safetensors(model.Transformer(small_llada(mlp_hidden=32)), str(tmp_path))
+    os.remove(tmp_path / "model.safetensors.index.json")
+    with pytest.raises(ValueError, match="neither"):
+        model.load_safetensors(model.Transformer(small_llada()), str(tmp_path))
+
+
+def test_tiny_model_learns_with_md_loss():
+    # Sequences x_i = (a + i) mod 15: any visible token reveals the rest, so a
+    # model trained with the MD loss must drive its loss far below log(15).
+    torch.manual_seed(0)
+    m = model.Transformer(model.PRESETS["tiny"])
+    opt = m.configure_optimizer(lr=1e-2, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(200):
+        x0 = (torch.randint(0, 15, (64, 1), generator=g) + torch.arange(16)) % 15
+        t = masking.sample_t(64, 0.0, 1.0, stratified=True, generator=g)
+        xt, masked = masking.mask_tokens(x0, t, m.cfg.mask_id, generator=g)
+        loss = masking.md_loss(m(xt, output_mask=masked), x0, masked, t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert first > 2.0 and last < 0.2 * first, (first, last)
+
+
+def test_transfer_schedule():
+    s = model.transfer_schedule(torch.tensor([10, 3, 0]), 4)
+    assert s.tolist() == [[3, 3, 2, 2], [1, 1, 1, 0], [0, 0, 0, 0]]
+
+
+def test_generate_fills_every_mask_and_keeps_prompt():
+    torch.manual_seed(0)
+    m = model.Transformer(model.PRESETS["tiny"]).eval()
+    prompt = torch.randint(0, 15, (2, 5))
+    for kw in (dict(), dict(temperature=1.0), dict(cfg_scale=1.0), dict(remasking="random")):
+        out = model.generate(m, prompt, mask_id=15, gen_length=8, steps=4, block_length=4, **kw)
+        assert out.shape == (2, 13)
+        assert torch.equal(out[:, :5], prompt)
+        assert not (out == 15).any()
+
+
+def test_generate_recovers_an_oracle_answer_in_confidence_order():
+    # An oracle that knows the answer, more confident at later positions: the
+    # sampler must reproduce the answer, unmasking one token per step, right to left
+    # inside each block.
+    target = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    order = []
+
+    def oracle(x):
+        order.append((x == 15).clone())
+        logits = torch.zeros(*x.shape, 16)
+        logits[0, torch.arange(8), target[0]] = torch.arange(8, dtype=torch.float) + 1.0
+        return logits
+    out = model.generate(oracle, target[:, :2], mask_id=15, gen_length=6, steps=6, block_length=3)
+    assert torch.equal(out, target)
+    first_unmasked = [(a & ~b).nonzero()[:, 1].tolist() for a, b in zip(order, order[1:])]
+    assert first_unmasked == [[4], [3], [2], [7], [6]]
+
+
+def test_fsdp2_wraps_and_matches_unsharded(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        ref = model.Transformer(small_llada())
+        m = model.Transformer(small_llada())
+        m.load_state_dict(ref.state_dict())
+        model.apply_fsdp(m, mixed_precision=False)
+        idx = torch.randint(0, 40, (2, 16))
+        assert torch.allclose(m(idx), ref(idx), atol=1e-6)
+        m(idx).sum().backward()
+        ref(idx).sum().backward()
+        g = m.transformer.blocks[0].q_proj.weight.grad.full_tensor()
+        assert torch.allclose(g, ref.transformer.blocks[0].q_proj.weight.grad, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
