@@ -18,13 +18,14 @@ import torch
 def add_common_args(p, *, presets, preset, t0=0.0, t1=1.0, max_steps=None, out_dir="out"):
     """The flags every script shares: --preset --t0 --t1 --seed --device --max-steps
     --out-dir --resume --compile --dry-run --plot."""
-    p.add_argument("--preset", default=preset, choices=sorted(presets), help="named group of settings")
-    p.add_argument("--t0", type=float, default=t0, help="mask ratio t ~ U[t0, t1]: lower end")
-    p.add_argument("--t1", type=float, default=t1, help="mask ratio t ~ U[t0, t1]: upper end")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--preset", default=preset, choices=sorted(presets), help="named group of settings (%(default)s)")
+    p.add_argument("--t0", type=float, default=t0, help="mask ratio t ~ U[t0, t1]: lower end (%(default)s)")
+    p.add_argument("--t1", type=float, default=t1, help="mask ratio t ~ U[t0, t1]: upper end (%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(%(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (%(default)s)")
     p.add_argument("--max-steps", type=int, default=max_steps, help="training steps (default: the preset's)")
-    p.add_argument("--out-dir", default=out_dir, help="everything the run writes, ending with summary.json")
+    p.add_argument("--out-dir", default=out_dir, help="everything the run writes, ending with summary.json "
+                                                      "(%(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--dry-run", action="store_true", help="build everything, run 2 steps, write nothing")
@@ -108,7 +109,11 @@ def gpt2_tokenizer(tokenizer_file=None):
     tokenizer_file (a local gpt2.tiktoken rank file) nothing is downloaded."""
     import tiktoken
     if tokenizer_file is None:
-        return tiktoken.get_encoding("gpt2")
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:   # offline and not cached: say what to do instead
+            raise ValueError(f"could not fetch GPT-2's BPE ranks ({type(e).__name__}); "
+                             f"pass --tokenizer-file with a local gpt2.tiktoken") from None
     from tiktoken.load import load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str
     if not os.path.exists(tokenizer_file):

@@ -21,12 +21,14 @@ import torch.nn.functional as F
 # weight by 1000 and changes the expected loss by a negligible O(eps) amount.
 EPS = 1e-3
 
+
 def check_interval(t0, t1):
     """Raise a one-line ValueError unless 0 <= t0 <= t1 <= 1."""
     if not (0.0 <= t0 <= 1.0 and 0.0 <= t1 <= 1.0):
         raise ValueError(f"mask ratios must lie in [0, 1], got t0={t0}, t1={t1}")
     if t0 > t1:
         raise ValueError(f"need t0 <= t1, got t0={t0} > t1={t1}")
+
 
 def check_mask_id(mask_id, tokenizer_vocab, model_vocab):
     """The MASK token must be a new id: outside the tokenizer's real vocabulary, inside the model's."""
@@ -35,6 +37,7 @@ def check_mask_id(mask_id, tokenizer_vocab, model_vocab):
                          f"pick an id >= {tokenizer_vocab}")
     if not 0 <= mask_id < model_vocab:
         raise ValueError(f"mask id {mask_id} is outside the model's vocabulary of {model_vocab}")
+
 
 def sample_t(n, t0=0.0, t1=1.0, *, stratified=False, generator=None, device=None):
     """n mask ratios, uniform on [t0, t1] (Def. 3.4). t0 == t1 is a point mass.
@@ -52,6 +55,7 @@ def sample_t(n, t0=0.0, t1=1.0, *, stratified=False, generator=None, device=None
         r = torch.rand(n, generator=generator, device=device)
     return t0 + (t1 - t0) * r
 
+
 def mask_tokens(x0, t, mask_id, *, maskable=None, generator=None):
     """Replace each token of row b by `mask_id` independently with probability t[b].
 
@@ -64,6 +68,7 @@ def mask_tokens(x0, t, mask_id, *, maskable=None, generator=None):
         masked &= maskable
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     return xt, masked
+
 
 def md_loss(logits, x0, masked, t, *, maskable=None, reduction="mean"):
     """The MD loss (§5; LLaDA Eq. 3 for pre-training, Eq. 5 for SFT):
@@ -127,10 +132,13 @@ def elbo_terms(model_fn, x0, mask_id, *, n_t=8, maskable=None, generator=None):
     masked = rank < n_mask[:, None]
     xt = torch.where(masked, torch.full_like(x, mask_id), x)
     logits = model_fn(xt)
-    ce = F.cross_entropy(logits[masked].float(), x[masked], reduction="none")
+    if logits.dim() == 3:       # full (B, L, V) logits; (n_masked, V) ones are already gathered
+        logits = logits[masked]
+    ce = F.cross_entropy(logits.float(), x[masked], reduction="none")
     row = masked.nonzero()[:, 0]
     nll = torch.zeros(len(x), device=x0.device).index_add_(0, row, ce) / n_mask
     return t, nll
+
 
 def elbo_nll(model_fn, x0, mask_id, *, n_t=8, maskable=None, generator=None):
     """The held-out test loss of §5: the MD bound on NLL per token (nats), t over
@@ -138,6 +146,7 @@ def elbo_nll(model_fn, x0, mask_id, *, n_t=8, maskable=None, generator=None):
     `generator` so every run is scored on the same draws."""
     t, nll = elbo_terms(model_fn, x0, mask_id, n_t=n_t, maskable=maskable, generator=generator)
     return nll.mean().item()
+
 
 def loss_per_t_bin(t, nll, n_bins=10):
     """Mean of `nll` within each of n_bins equal-width bins of t in [0, 1] (NaN if a bin is empty)."""

@@ -58,6 +58,9 @@ PRESETS = {
     # §5.1: nanoGPT-style ~50M on WikiText; GPT-2 BPE (50257 ids) + MASK = 50257, padded to 50304
     "wikitext-50m": ModelConfig(vocab_size=50304, mask_id=50257, block_size=150, n_layer=8, n_head=8,
                                 d_model=512, mlp_hidden=2048),
+    # a CPU-sized stand-in with the same vocabulary, for wikitext.py --preset cpu
+    "wikitext-cpu": ModelConfig(vocab_size=50304, mask_id=50257, block_size=150, n_layer=2, n_head=4,
+                                d_model=128, mlp_hidden=512),
     # §5.2: LLaDA-8B (Nie et al. 2025), the architecture of GSAI-ML/LLaDA-8B-Base
     "llada-8b": ModelConfig(vocab_size=126464, mask_id=126336, block_size=4096, n_layer=32, n_head=32,
                             d_model=4096, mlp_hidden=12288, norm="rmsnorm", mlp="swiglu", pos="rope",
