@@ -1,0 +1,558 @@
+"""
+(n, k)-sparse parity: masked diffusion versus label-only supervision (paper §3-4.5, App. F.1-F.2).
+
+    python parity.py --t1 0.246                 # MD with U[0, 0.246] on (20, 6) parity
+    python parity.py --objective label          # the standard objective: supervise y only
+    python parity.py --compare                  # Fig. 2: label vs MD over intervals and seeds
+
+Task (Def. 3.1-3.2): x uniform on {-1,+1}^n, a secret set S of k positions,
+y = prod_{j in S} x_j, training sequence x' = (x, y) of length n+1, N fixed
+training examples, a fresh validation set. Tokens: -1 -> 0, +1 -> 1, MASK -> 2.
+
+Objectives: `md` masks every position with probability t ~ U[t0, t1] and is
+trained with masking.md_loss (cross-entropy) or masking.md_mse_loss (the
+squared loss of Def. 3.6, for the MLP); `label` masks only y and supervises it.
+Both are evaluated alike (§3.4): all of x visible, only y masked.
+
+Models: `mlp` is the reduced model of §4.1 / F.1 (uniform attention, i.e.
+f(z) = v^T relu(W z) on the summed one-hot (value, position) embedding);
+`transformer` is the nanoGPT-style model.py preset "parity".
+
+At every log step the MD loss is split into its signal part (masks with exactly
+one position of S' = S u {label}; Thm 4.3) and its noise part, beside the
+empirical fraction of signal draws and theory.signal_prob, plus the mean squared
+output on noise-regime inputs, the quantity the implicit regulariser drives down.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import masking
+import model as model_lib
+import theory
+
+MASK = 2  # token ids: -1 -> 0, +1 -> 1, MASK -> 2
+
+
+@dataclass
+class ParityConfig:
+    n: int = 20
+    k: int = 6
+    n_train: int = 3000            # N, the finite training set (Def. 3.2)
+    n_val: int = 2000
+    objective: str = "md"          # "md" | "label"
+    model: str = "mlp"             # "mlp" (§4.1 reduced model) | "transformer" (§4.5 nanoGPT-style)
+    t0: float = 0.0
+    t1: float = 0.246
+    # mlp
+    hidden: int = 2560
+    init_std: float = 0.0          # std of W's entries; 0 = PyTorch's default, U(+-1/sqrt(3n'))
+    # transformer
+    n_layer: int = 2
+    d_model: int = 128
+    n_head: int = 4
+    mlp_hidden: int = 512
+    embed: str = "additive"        # "additive" (nanoGPT: wte + wpe) | "joint" (Def. 3.5: one id per (value, position))
+    loss: str = "auto"             # "ce" | "mse" | "auto" (mse for the mlp, as F.1; ce for the transformer, as §4.5)
+    # optimisation
+    batch_size: int = 0            # 0 = full batch
+    lr: float = 1e-3
+    warmup: int = 0
+    weight_decay: float = 0.0
+    beta2: float = 0.999
+    max_steps: int = 4000
+    eval_every: int = 50
+    stop_acc: float = 0.99         # stop once train and val accuracy both reach this (> 1: never)
+    seed: int = 0
+    threads: int = 0               # torch CPU threads (0 = PyTorch's default)
+
+
+PRESETS = {
+    # F.1's reduced model and settings (hidden 2560, lr 1e-3, full batch), at the N where
+    # the measured MD-vs-label contrast is clearest on (20, 6); see README "Parity".
+    "mlp": dict(model="mlp"),
+    # §4.5: nanoGPT-style transformer, cross-entropy, weight decay 0.1 for all runs.
+    "transformer": dict(model="transformer", batch_size=256, lr=1e-3, warmup=100, weight_decay=0.1,
+                        beta2=0.95, max_steps=20000, eval_every=250),
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+def make_data(n, k, n_train, n_val, seed):
+    """Secret set S (k of the n positions), then N training and n_val validation
+    rows x' = (x, y) in {-1,+1}^(n+1); no validation input also appears in training."""
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randperm(n, generator=g)[:k].sort().values
+    codes = torch.randperm(2 ** n, generator=g)[: n_train + n_val] if n <= 24 else \
+        torch.randint(0, 2 ** 62, (n_train + n_val,), generator=g)     # distinct inputs
+    bits = (codes[:, None] >> torch.arange(n)) & 1
+    x = bits * 2 - 1
+    y = x[:, S].prod(1, keepdim=True)
+    rows = torch.cat([x, y], 1)
+    return S, rows[:n_train], rows[n_train:]
+
+
+def to_tokens(rows):
+    return (rows > 0).long()        # -1 -> 0, +1 -> 1
+
+
+# ----------------------------------------------------------------------------- models
+
+class ParityMLP(nn.Module):
+    """§4.1 reduced model: with uniform attention every position outputs the same
+    f(z) = v^T relu(W z), where z = sum_j e_{3j + b_j} is the one-hot embedding of
+    (value b_j in {-1, +1, MASK}, position j) summed over the sequence (Def. 3.5)."""
+
+    def __init__(self, n_pos, hidden, init_std=0.0):
+        super().__init__()
+        self.W = nn.Linear(3 * n_pos, hidden, bias=False)
+        self.v = nn.Linear(hidden, 1, bias=False)
+        if init_std:
+            nn.init.normal_(self.W.weight, std=init_std)
+        self.register_buffer("offsets", torch.arange(n_pos) * 3)
+
+    def forward(self, tokens):
+        z = torch.zeros(len(tokens), self.W.in_features, device=tokens.device)
+        z.scatter_(1, tokens + self.offsets, 1.0)                  # the summed one-hot z of Def. 3.5
+        return self.v(F.relu(self.W(z))).squeeze(-1)               # (B,)
+
+
+def joint_ids(tokens):
+    """Def. 3.5 for the transformer: one token id per (value, position)."""
+    return tokens * tokens.shape[1] + torch.arange(tokens.shape[1], device=tokens.device)
+
+
+def build_model(cfg):
+    if cfg.model == "mlp":
+        return ParityMLP(cfg.n + 1, cfg.hidden, cfg.init_std)
+    n_pos = cfg.n + 1
+    vocab = 3 * n_pos if cfg.embed == "joint" else 3
+    mc = model_lib.get_config("parity", vocab_size=vocab, mask_id=vocab - 1, block_size=n_pos,
+                              n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head,
+                              mlp_hidden=cfg.mlp_hidden)
+    return model_lib.Transformer(mc)
+
+
+def predict(model, cfg, tokens):
+    """The model's output for every position: (B, L, 2) logits over {-1, +1} for the
+    transformer; (B, L) real values (one shared f(z), §4.1) for the MLP."""
+    if cfg.model == "mlp":
+        return model(tokens)[:, None].expand(tokens.shape)
+    ids = joint_ids(tokens) if cfg.embed == "joint" else tokens
+    return model(ids)[..., :2]      # the two bit values; MASK is never a target
+
+
+def margin(out):
+    """The model's evidence for +1: the logit difference (transformer) or f itself (MLP)."""
+    return out[..., 1] - out[..., 0] if out.dim() == 3 else out
+
+
+def uses_ce(cfg):
+    return cfg.loss == "ce" or (cfg.loss == "auto" and cfg.model == "transformer")
+
+
+# ----------------------------------------------------------------------------- objectives
+
+def md_rows(out, cfg, x0, masked, t):
+    """Eq. (1) per row (its mean is the MD loss), so the batch can be split by regime."""
+    if not uses_ce(cfg):
+        return masking.md_mse_loss(out, x0 * 2 - 1, masked, t, reduction="none")
+    if out.dim() == 2:              # the MLP with cross-entropy: f is the logit of +1 (Remark 4.4)
+        out = torch.stack([torch.zeros_like(out), out], -1)
+    return masking.md_loss(out, x0, masked, t, reduction="none")
+
+
+def label_loss(out, cfg, y):
+    """The standard objective: supervise the label position only."""
+    if uses_ce(cfg):
+        logits = out[:, -1] if out.dim() == 3 else torch.stack([torch.zeros_like(out[:, -1]), out[:, -1]], -1)
+        return F.cross_entropy(logits.float(), y)
+    return 0.5 * (out[:, -1] - (y * 2 - 1)).square().mean()
+
+
+def mask_label(tokens):
+    """§3.4's evaluation mask M_eval = {n'}: every input bit visible, y masked."""
+    xt = tokens.clone()
+    xt[:, -1] = MASK
+    return xt
+
+
+def regime_stats(rows, out, masked, S_prime, cfg):
+    """Thm 4.3 made visible: the batch loss split into its signal-regime part
+    (|M n S'| = 1) and noise-regime part (they sum to the loss), the empirical
+    signal fraction (-> P_S), and the mean squared output on masked positions of
+    noise-regime inputs, which the implicit regulariser pushes towards 0."""
+    signal = masked[:, S_prime].sum(1) == 1
+    B = len(rows)
+    noise_out = margin(out)[masked & ~signal[:, None]].float()
+    return dict(loss_signal=(rows[signal].sum() / B).item(), loss_noise=(rows[~signal].sum() / B).item(),
+                signal_frac=signal.float().mean().item(),
+                noise_out2=noise_out.square().mean().item() if len(noise_out) else float("nan"))
+
+
+@torch.no_grad()
+def accuracy(model, cfg, tokens):
+    model.eval()
+    correct = 0
+    for chunk in tokens.split(4096):
+        m = margin(predict(model, cfg, mask_label(chunk)))[:, -1]
+        correct += ((m > 0) == (chunk[:, -1] == 1)).sum().item()
+    model.train()
+    return correct / len(tokens)
+
+
+# ----------------------------------------------------------------------------- training
+
+def check_config(cfg):
+    """Every user-caused mistake as one line, before any work starts."""
+    if not 1 <= cfg.k <= cfg.n:
+        raise ValueError(f"need 1 <= k <= n, got n={cfg.n}, k={cfg.k}")
+    if cfg.n_train <= 0 or cfg.n_val <= 0:
+        raise ValueError(f"need N > 0 and n_val > 0, got N={cfg.n_train}, n_val={cfg.n_val}")
+    if cfg.n <= 24 and cfg.n_train + cfg.n_val > 2 ** cfg.n:
+        raise ValueError(f"N + n_val = {cfg.n_train + cfg.n_val} exceeds the 2^{cfg.n} distinct inputs")
+    masking.check_interval(cfg.t0, cfg.t1)
+    choices = dict(objective=("md", "label"), model=("mlp", "transformer"), embed=("additive", "joint"),
+                   loss=("auto", "ce", "mse"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    if cfg.max_steps <= 0 or cfg.eval_every <= 0 or cfg.batch_size < 0:
+        raise ValueError("--max-steps and --eval-every must be positive, --batch-size >= 0")
+
+
+def lr_at(step, cfg):
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+
+
+def describe(cfg):
+    what = f"md U[{cfg.t0:g}, {cfg.t1:g}]" if cfg.objective == "md" else "label"
+    return f"{what} ({cfg.model}, (n,k)=({cfg.n},{cfg.k}), N={cfg.n_train}, seed {cfg.seed})"
+
+
+def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=False, quiet=False):
+    """One run. Writes out_dir/{ckpt.pt, history.json, summary.json, curves.png}; returns the summary."""
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    common.set_seed(cfg.seed)
+    S, train_rows, val_rows = make_data(cfg.n, cfg.k, cfg.n_train, cfg.n_val, cfg.seed)
+    S_prime = torch.cat([S, torch.tensor([cfg.n])]).to(device)
+    train_tok, val_tok = to_tokens(train_rows).to(device), to_tokens(val_rows).to(device)
+    model = build_model(cfg).to(device)
+    if cfg.model == "transformer":
+        opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    fwd = torch.compile(model) if compile else model
+    g = torch.Generator(device).manual_seed(cfg.seed + 1)
+    P_S = theory.signal_prob(cfg.t0, cfg.t1, cfg.k)
+    step, train_seconds, history = 0, 0.0, []
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        g.set_state(ck["gen"].to(g.get_state().device) if ck["gen"].device.type != "cpu" else ck["gen"])
+        step, train_seconds, history = ck["step"], ck["train_seconds"], ck["history"]
+        if not quiet:
+            print(f"resumed {ckpt_path} at step {step}")
+    if not dry_run:
+        os.makedirs(out_dir, exist_ok=True)
+    B = cfg.batch_size or cfg.n_train
+    max_steps = 2 if dry_run else cfg.max_steps
+    progress = common.Progress(max_steps, start=step)
+    if not quiet:
+        print(f"{describe(cfg)}: S = {S.tolist()}, P_S = {P_S:.4f}, {sum(p.numel() for p in model.parameters()):,} "
+              f"parameters, batch {B}, {max_steps} steps on {device}")
+    while step < max_steps:
+        t_start = time.time()
+        x0 = train_tok if B == cfg.n_train else train_tok[torch.randint(0, cfg.n_train, (B,), generator=g, device=device)]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        if cfg.objective == "md":
+            t = masking.sample_t(B, cfg.t0, cfg.t1, generator=g, device=device)    # Def. 3.4
+            xt, masked = masking.mask_tokens(x0, t, MASK, generator=g)
+            out = predict(fwd, cfg, xt)
+            rows = md_rows(out, cfg, x0, masked, t)
+            loss = rows.mean()
+        else:
+            out = predict(fwd, cfg, mask_label(x0))
+            loss = label_loss(out, cfg, x0[:, -1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        train_seconds += time.time() - t_start
+        if step % cfg.eval_every == 0 or step == max_steps:
+            rec = dict(step=step, seconds=round(train_seconds, 2), loss=loss.item(),
+                       train_acc=accuracy(model, cfg, train_tok), val_acc=accuracy(model, cfg, val_tok))
+            if cfg.objective == "md":
+                rec.update(regime_stats(rows.detach(), out.detach(), masked, S_prime, cfg), P_S=P_S)
+            history.append(rec)
+            if not quiet:
+                extra = (f" | signal {rec['loss_signal']:.3f} noise {rec['loss_noise']:.3f} "
+                         f"frac {rec['signal_frac']:.3f} (P_S {P_S:.3f}) noise out^2 {rec['noise_out2']:.3f}"
+                         if cfg.objective == "md" else "")
+                print(f"step {step:6d} | loss {rec['loss']:.4f} | train {rec['train_acc']:.3f} "
+                      f"val {rec['val_acc']:.3f}{extra} | {progress.eta(step)}", flush=True)
+            if not dry_run:
+                common.atomic_torch_save(dict(model=model.state_dict(), opt=opt.state_dict(), gen=g.get_state(),
+                                              step=step, train_seconds=train_seconds, history=history,
+                                              config=asdict(cfg)), ckpt_path)
+            if min(rec["train_acc"], rec["val_acc"]) >= cfg.stop_acc:
+                break
+    summary = summarize(cfg, S, P_S, history)
+    if not dry_run:
+        common.write_json(os.path.join(out_dir, "history.json"), history)
+        common.write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary, history
+
+
+def first_step(history, key, level):
+    hit = next((h for h in history if h[key] >= level), None)
+    return (hit["step"], hit["seconds"]) if hit else (None, None)
+
+
+def summarize(cfg, S, P_S, history):
+    last = history[-1]
+    steps_95, secs_95 = first_step(history, "val_acc", 0.95)
+    steps_mem, _ = first_step(history, "train_acc", 0.99)
+    return dict(settings=asdict(cfg), secret_set=S.tolist(), P_S=P_S, steps=last["step"],
+                train_seconds=last["seconds"], train_acc=last["train_acc"], val_acc=last["val_acc"],
+                best_val_acc=max(h["val_acc"] for h in history), steps_to_95=steps_95, seconds_to_95=secs_95,
+                steps_to_train_99=steps_mem)
+
+
+def verdict(s):
+    cfg = ParityConfig(**s["settings"])
+    head = describe(cfg)
+    if s["steps_to_95"] is None:
+        return (f"{head}: did NOT reach 95% validation in {s['steps']} steps "
+                f"(final train {s['train_acc']:.3f}, val {s['val_acc']:.3f}, best val {s['best_val_acc']:.3f})")
+    plateau = ""
+    if s["steps_to_train_99"] is not None and s["steps_to_train_99"] < s["steps_to_95"]:
+        plateau = f"; train hit 99% first, at step {s['steps_to_train_99']}"
+    return (f"{head}: 95% validation at step {s['steps_to_95']} ({s['seconds_to_95']:.0f}s of training){plateau}; "
+            f"final train {s['train_acc']:.3f}, val {s['val_acc']:.3f}")
+
+
+# ----------------------------------------------------------------------------- plots
+
+def plot_run(history, cfg, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [h["step"] for h in history]
+    md = cfg.objective == "md"
+    fig, axes = plt.subplots(1, 3 if md else 1, figsize=(15 if md else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(steps, [h["train_acc"] for h in history], "--", label="train")
+    ax.plot(steps, [h["val_acc"] for h in history], label="validation")
+    ax.set(xlabel="step", ylabel="accuracy (y masked, x visible)", title=describe(cfg), ylim=(0.4, 1.02))
+    ax.legend()
+    if md:
+        ax = axes[0, 1]
+        ax.plot(steps, [h["loss_signal"] for h in history], label="signal regime (|M∩S'|=1)")
+        ax.plot(steps, [h["loss_noise"] for h in history], label="noise regime")
+        ax.set(xlabel="step", ylabel="share of the batch MD loss", title="Thm 4.3: loss split")
+        ax.legend()
+        ax = axes[0, 2]
+        ax.plot(steps, [h["signal_frac"] for h in history], label="signal fraction (batch)")
+        ax.axhline(history[0]["P_S"], color="k", ls=":", label=f"P_S = {history[0]['P_S']:.3f}")
+        ax.plot(steps, [h["noise_out2"] for h in history], label="mean out² on noise inputs")
+        ax.set(xlabel="step", title="signal share and the implicit regulariser")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_name(objective, t1):
+    return "label" if objective == "label" else f"md_0-{t1:g}"
+
+
+def plot_compare(rows, histories, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(dict.fromkeys(r["run"] for r in rows))
+    colors = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
+    seed0 = min(r["seed"] for r in rows)
+    # Fig. 2: train (dashed) and validation (solid) accuracy, first seed
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for n in names:
+        h = histories[(n, seed0)]
+        steps = [e["step"] for e in h]
+        ax.plot(steps, [e["train_acc"] for e in h], "--", color=colors[n], alpha=0.6)
+        ax.plot(steps, [e["val_acc"] for e in h], color=colors[n], label=n)
+    ax.set(xlabel="step", ylabel="accuracy", title=f"Fig. 2: train (dashed) and validation (solid), seed {seed0}",
+           ylim=(0.4, 1.02))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "fig2_accuracy.png"), dpi=110)
+    plt.close(fig)
+    # Fig. 6: the label runs, every seed
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (n, seed), h in histories.items():
+        if n == "label":
+            steps = [e["step"] for e in h]
+            axes[0].plot(steps, [e["train_acc"] for e in h], label=f"seed {seed}")
+            axes[1].plot(steps, [e["val_acc"] for e in h], label=f"seed {seed}")
+    for ax, what in zip(axes, ("training", "validation")):
+        ax.set(xlabel="step", ylabel=f"{what} accuracy", title=f"Fig. 6: label-only, {what}", ylim=(0.4, 1.02))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "fig6_label.png"), dpi=110)
+    plt.close(fig)
+    # steps to 95% validation per run, every seed (not reached: drawn at the top, hollow)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    cap = max(r["steps"] for r in rows)
+    for i, n in enumerate(names):
+        for r in rows:
+            if r["run"] == n:
+                hit = r["steps_to_95"] is not None
+                ax.scatter(i, r["steps_to_95"] if hit else cap, color=colors[n],
+                           facecolors=colors[n] if hit else "none", s=40)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set(ylabel="steps to 95% validation", title="steps to 95% validation (hollow: not reached)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "steps_to_95.png"), dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- --compare
+
+def _compare_job(job):
+    cfg, run_dir, device = job
+    summary, history = train(cfg, run_dir, device=device, quiet=True)
+    return summary, history
+
+
+def table(rows):
+    """Median and range of steps/seconds to 95% validation per run over seeds."""
+    out = []
+    for n in dict.fromkeys(r["run"] for r in rows):
+        rs = [r for r in rows if r["run"] == n]
+        hit = [r for r in rs if r["steps_to_95"] is not None]
+        med = lambda v: sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2
+        steps, secs = [r["steps_to_95"] for r in hit], [r["seconds_to_95"] for r in hit]
+        out.append(dict(run=n, P_S=rs[0]["P_S"], seeds=len(rs), reached=len(hit),
+                        steps_median=med(steps) if hit else None, steps_range=[min(steps), max(steps)] if hit else None,
+                        seconds_median=med(secs) if hit else None, seconds_range=[min(secs), max(secs)] if hit else None,
+                        train99_median=med([r["steps_to_train_99"] or r["steps"] for r in rs])))
+    return out
+
+
+def compare(base, intervals, seeds, out_dir, device, jobs, label_steps):
+    """Fig. 2 / 6: label and md U[0, t1] for each t1, for each seed; finished runs are reused."""
+    os.makedirs(out_dir, exist_ok=True)
+    todo, rows, histories = [], [], {}
+    for seed in seeds:
+        for objective, t1 in [("label", base.t1)] + [("md", t1) for t1 in intervals]:
+            cfg = replace(base, objective=objective, t0=0.0, t1=t1, seed=seed,
+                          max_steps=label_steps if objective == "label" and label_steps else base.max_steps)
+            todo.append((cfg, os.path.join(out_dir, f"{run_name(objective, t1)}_seed{seed}"), device))
+    pending = [j for j in todo if not os.path.exists(os.path.join(j[1], "summary.json"))]
+    print(f"--compare: {len(todo)} runs ({len(todo) - len(pending)} already done), {jobs} at a time")
+    if jobs > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            for s, _ in pool.imap_unordered(_compare_job, [(replace(c, threads=1), d, dev) for c, d, dev in pending]):
+                print(verdict(s), flush=True)
+    else:
+        for job in pending:
+            s, _ = _compare_job(job)
+            print(verdict(s), flush=True)
+    for cfg, run_dir, _ in todo:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            s = json.load(f)
+        with open(os.path.join(run_dir, "history.json")) as f:
+            histories[(run_name(cfg.objective, cfg.t1), cfg.seed)] = json.load(f)
+        rows.append(dict(run=run_name(cfg.objective, cfg.t1), seed=cfg.seed,
+                         **{k: s[k] for k in ("P_S", "steps", "train_seconds", "train_acc", "val_acc",
+                                              "best_val_acc", "steps_to_95", "seconds_to_95", "steps_to_train_99")}))
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    summary = dict(settings=asdict(base), intervals=intervals, seeds=seeds, runs=rows, table=table(rows))
+    common.write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary, histories
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Parity'.")
+    common.add_common_args(p, presets=PRESETS, preset="mlp", t0=0.0, t1=0.246, out_dir="out/parity")
+    flag_help = {"n": "input bits", "k": "size of the secret set S", "n_train": "N, the training set size",
+                 "hidden": "MLP hidden width D", "objective": "md | label", "model": "mlp | transformer",
+                 "embed": "transformer embedding: additive (wte + wpe) | joint (one id per value and position, "
+                          "Def. 3.5)", "loss": "auto | ce | mse (auto: mse for the mlp, ce for the transformer)",
+                 "init_std": "std of the MLP's W (0: PyTorch's default)",
+                 "batch_size": "0 = full batch", "stop_acc": "stop once train and val reach this (>1: never)",
+                 "threads": "torch CPU threads (0 = default)"}
+    for f in fields(ParityConfig):
+        if f.name in ("t0", "t1", "seed", "max_steps"):
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                       help=f"{flag_help.get(f.name, '')} (mlp preset: {PRESETS['mlp'].get(f.name, f.default)!r})")
+    p.add_argument("--compare", action="store_true", help="Fig. 2/6: label and md over --intervals and --seeds")
+    p.add_argument("--intervals", type=float, nargs="+", default=[0.1, 0.2, 0.246, 0.3, 0.4, 1.0],
+                   help="--compare: upper ends t1 of U[0, t1] (%(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare: seeds (%(default)s)")
+    p.add_argument("--jobs", type=int, default=2, help="--compare: runs in parallel, 1 CPU thread each (%(default)s)")
+    p.add_argument("--label-steps", type=int, default=None, help="--compare: max steps of the label runs (default: --max-steps)")
+    return p.parse_args(argv)
+
+
+def config_from_args(a):
+    values = dict(PRESETS[a.preset])
+    values.update({f.name: getattr(a, f.name) for f in fields(ParityConfig)
+                   if f.name not in ("t0", "t1", "seed", "max_steps") and getattr(a, f.name) is not None})
+    values.update(t0=a.t0, t1=a.t1, seed=a.seed)
+    if a.max_steps is not None:
+        values["max_steps"] = a.max_steps
+    return ParityConfig(**values)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    cfg = config_from_args(a)
+    check_config(cfg)
+    device = common.pick_device(a.device)
+    if a.compare:
+        for t1 in a.intervals:
+            masking.check_interval(0.0, t1)
+        summary, histories = compare(cfg, a.intervals, a.seeds, a.out_dir, device, a.jobs, a.label_steps)
+        for r in summary["table"]:
+            print(f"{r['run']:>10}  P_S {r['P_S']:.3f}  reached 95% in {r['reached']}/{r['seeds']} seeds  "
+                  f"steps median {r['steps_median']} range {r['steps_range']}  "
+                  f"seconds median {r['seconds_median']} range {r['seconds_range']}")
+        if a.plot:
+            plot_compare(summary["runs"], histories, a.out_dir)
+        print(f"wrote {a.out_dir}/summary.json, results.csv" + (", fig2_accuracy.png, fig6_label.png, "
+                                                               "steps_to_95.png" if a.plot else ""))
+        return
+    summary, history = train(cfg, a.out_dir, device=device, resume=a.resume, compile=a.compile, dry_run=a.dry_run)
+    if a.plot and not a.dry_run:
+        plot_run(history, cfg, os.path.join(a.out_dir, "curves.png"))
+    print(verdict(summary))
+    if not a.dry_run:
+        print(f"wrote {a.out_dir}/summary.json" + (", curves.png" if a.plot else ""))
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
