@@ -1,0 +1,586 @@
+"""
+The 50M masked-diffusion language model on WikiText and the interval sweep (paper §5-5.1, App. F.3-F.4).
+
+    python wikitext.py --t0 0.45 --t1 0.55               # one run, the paper's setting (WikiText-103, 6000 steps)
+    python wikitext.py --sweep                           # Fig. 3/7: ten width-0.1 intervals + U[0, 1]
+    python wikitext.py --preset cpu --sweep              # the same sweep, CPU-sized, on WikiText-2
+    python wikitext.py --interval auto                   # the window around the corpus's t* (theory.py)
+    python wikitext.py --benchmark --device cuda         # tokens/s and MFU of training steps
+    torchrun --nproc_per_node=8 wikitext.py              # DDP
+
+Training draws t ~ U[t0, t1] and minimises masking.md_loss; the test loss is the
+full-range bound masking.elbo_nll (t over all of [0, 1], whatever the training
+window), on the test split, with the same fixed draws for every run, so the runs
+compare exactly (§5). Data: GPT-2 BPE (tiktoken) cached once as uint16 memmaps.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+
+import common
+import masking
+import model as model_lib
+import theory
+
+HUB_NAMES = {"wikitext-103": "wikitext-103-raw-v1", "wikitext-2": "wikitext-2-raw-v1"}
+
+
+@dataclass
+class WikiConfig:
+    model: str = "wikitext-50m"       # a model.py preset
+    dataset: str = "wikitext-103"     # Hub WikiText (raw), unless --data gives local files
+    data: str = ""                    # local folder with *train* / *valid* / *test* raw text files
+    tokenizer_file: str = ""          # local gpt2.tiktoken (no download)
+    train_split: str = "train"
+    eval_split: str = "test"
+    cache_dir: str = "data"
+    block_size: int = 150
+    batch_size: int = 1024            # sequences per optimizer step (§5.1)
+    micro_batch: int = 128            # sequences per forward/backward; the rest is gradient accumulation
+    max_steps: int = 6000
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup: int = 300
+    weight_decay: float = 0.1
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    t0: float = 0.0
+    t1: float = 1.0
+    eval_every: int = 250
+    eval_seqs: int = 512              # test sequences scored by the full-range bound
+    eval_draws: int = 8               # stratified t draws per test sequence
+    log_every: int = 10
+    ckpt_every: int = 250
+    masked_head: bool = True          # run the output head on masked positions only
+    seed: int = 0
+
+
+PRESETS = {
+    # §5.1: 50M model, batch 1024 x 150, 6000 steps, WikiText-103. The schedule (warm-up 5%,
+    # cosine to lr/10, peak 6e-4, AdamW (0.9, 0.95), wd 0.1) is nanoGPT's GPT-2 recipe; the
+    # paper does not give one.
+    "paper": {},
+    # the whole 11-run sweep in well under an hour on 2 CPU cores: a 2-layer, 128-wide model
+    # with the same vocabulary on WikiText-2
+    "cpu": dict(model="wikitext-cpu", dataset="wikitext-2", batch_size=32, micro_batch=32, max_steps=300,
+                lr=3e-3, min_lr=3e-4, warmup=30, eval_every=100, eval_seqs=64, eval_draws=8, ckpt_every=100,
+                log_every=25),
+    # seconds: tests and a first look
+    "tiny": dict(model="wikitext-cpu", dataset="wikitext-2", block_size=64, batch_size=8, micro_batch=8,
+                 max_steps=20, lr=3e-3, warmup=2, eval_every=10, eval_seqs=8, eval_draws=4, ckpt_every=5,
+                 log_every=5),
+}
+
+SWEEP = [(round(i / 10, 1), round((i + 1) / 10, 1)) for i in range(10)] + [(0.0, 1.0)]
+
+
+# ----------------------------------------------------------------------------- data
+
+def hub_split(dataset, split):
+    """Raw text of a Hub WikiText split (needs internet once; `datasets` caches it)."""
+    from datasets import load_dataset
+    name = HUB_NAMES.get(dataset, dataset)
+    split = {"valid": "validation"}.get(split, split)
+    try:
+        rows = load_dataset("wikitext", name, split=split)
+    except Exception as e:
+        raise ValueError(f"could not load wikitext/{name} [{split}] from the Hub ({type(e).__name__}); "
+                         f"offline, pass --data with local raw files") from None
+    return "".join(rows["text"])
+
+
+def local_split(folder, split):
+    """Raw text of the one file in `folder` whose name contains `split` (wiki.test.raw, test.txt, ...)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--data {folder} is not a folder")
+    names = [f for f in sorted(os.listdir(folder)) if split in f and f.endswith((".raw", ".txt"))]
+    if not names:
+        raise FileNotFoundError(f"no *{split}*.raw or *{split}*.txt file in {folder}")
+    with open(os.path.join(folder, names[0]), encoding="utf-8") as f:
+        return f.read()
+
+
+def encode_split(text, enc):
+    return np.array(enc.encode_ordinary(text), dtype=np.uint16)
+
+
+def load_tokens(cfg, split, enc):
+    """Token ids of a split as a uint16 memmap, tokenised once and cached (nanoGPT's train.bin)."""
+    source = os.path.basename(os.path.normpath(cfg.data)) if cfg.data else cfg.dataset
+    path = os.path.join(cfg.cache_dir, source, f"{split}.bin")
+    if not os.path.exists(path):
+        text = local_split(cfg.data, split) if cfg.data else hub_split(cfg.dataset, split)
+        ids = encode_split(text, enc)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ids.tofile(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def get_batch(tokens, n, block_size, generator):
+    """n random windows of block_size tokens (nanoGPT's get_batch); the generator is the data position."""
+    starts = torch.randint(0, len(tokens) - block_size, (n,), generator=generator)
+    return torch.from_numpy(np.stack([tokens[s:s + block_size] for s in starts.tolist()]).astype(np.int64))
+
+
+def eval_sequences(tokens, cfg):
+    """The fixed test set: the first eval_seqs non-overlapping windows of the split."""
+    n = min(cfg.eval_seqs, len(tokens) // cfg.block_size)
+    return torch.from_numpy(np.array(tokens[: n * cfg.block_size], dtype=np.int64).reshape(n, cfg.block_size))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, seqs, cfg, device, chunk=16):
+    """The §5 test loss: the full-range bound (nats/token) and its ten t-bins, on fixed
+    draws (one seeded generator per call, so every run and every step sees the same masks)."""
+    model.eval()
+    g = torch.Generator(device).manual_seed(1234)
+    ts, nlls = [], []
+    for part in seqs.split(chunk):
+        part = part.to(device)
+        with autocast(device):
+            t, nll = masking.elbo_terms(lambda xt: model(xt, output_mask=xt == model.cfg.mask_id), part,
+                                        model.cfg.mask_id, n_t=cfg.eval_draws, generator=g)
+        ts.append(t)
+        nlls.append(nll)
+    model.train()
+    t, nll = torch.cat(ts), torch.cat(nlls)
+    return nll.mean().item(), masking.loss_per_t_bin(t, nll)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else \
+        torch.autocast("cpu", enabled=False)
+
+
+# ----------------------------------------------------------------------------- training
+
+def lr_at(step, cfg):
+    """Linear warm-up, then cosine decay to min_lr at max_steps (nanoGPT)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
+
+
+def check_config(cfg, model_cfg):
+    masking.check_interval(cfg.t0, cfg.t1)
+    if cfg.block_size > model_cfg.block_size:
+        raise ValueError(f"block size {cfg.block_size} exceeds the model's {model_cfg.block_size}")
+    if cfg.batch_size % cfg.micro_batch:
+        raise ValueError(f"batch size {cfg.batch_size} is not a multiple of the micro-batch {cfg.micro_batch}")
+    if cfg.data and not os.path.isdir(cfg.data):
+        raise FileNotFoundError(f"--data {cfg.data} is not a folder")
+    if cfg.tokenizer_file and not os.path.exists(cfg.tokenizer_file):
+        raise FileNotFoundError(f"--tokenizer-file {cfg.tokenizer_file} does not exist")
+    if min(cfg.max_steps, cfg.eval_every, cfg.ckpt_every, cfg.log_every, cfg.eval_seqs, cfg.eval_draws) <= 0:
+        raise ValueError("steps, intervals and evaluation sizes must be positive")
+
+
+def setup_distributed(device):
+    """torchrun sets RANK/WORLD_SIZE: one process per GPU, rank 0 logs and saves (nanoGPT)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    return rank, dist.get_world_size(), device
+
+
+def build(cfg, device, compile_model):
+    model_cfg = model_lib.get_config(cfg.model)
+    check_config(cfg, model_cfg)
+    enc = common.gpt2_tokenizer(cfg.tokenizer_file or None)
+    masking.check_mask_id(model_cfg.mask_id, enc.n_vocab, model_cfg.vocab_size)
+    model = model_lib.Transformer(model_cfg).to(device)
+    if compile_model:                  # per block: the masked-only head stays eager (data-dependent shape)
+        for block in model.transformer.blocks:
+            block.compile()
+    return model, enc
+
+
+def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_run=False, quiet=False):
+    """One run: writes out_dir/{ckpt.pt, history.json, summary.json}; returns the summary."""
+    rank, world, device = setup_distributed(device)
+    master = rank == 0
+    log = (lambda *a, **k: None) if quiet or not master else print
+    common.set_seed(cfg.seed + rank)
+    model, enc = build(cfg, device, compile_model)
+    train_tokens = load_tokens(cfg, cfg.train_split, enc)
+    test_seqs = eval_sequences(load_tokens(cfg, cfg.eval_split, enc), cfg)
+    if len(train_tokens) <= cfg.block_size:
+        raise ValueError(f"the {cfg.train_split} split has only {len(train_tokens)} tokens")
+    opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp_model = DistributedDataParallel(model, device_ids=[int(device.split(":")[1])] if ":" in device else None)
+    accum = cfg.batch_size // (cfg.micro_batch * world)
+    if accum < 1:
+        raise ValueError(f"batch {cfg.batch_size} < micro-batch {cfg.micro_batch} x {world} processes")
+    data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)           # batches
+    mask_gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank + 1)  # t and masks
+    step, history, ckpt = 0, [], os.path.join(out_dir, "ckpt.pt")
+    if resume and os.path.exists(ckpt):
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        data_gen.set_state(state["data_gen"])
+        mask_gen.set_state(state["mask_gen"].to(mask_gen.get_state().device))
+        common.set_rng_state(state["rng"])
+        step, history = state["step"], state["history"]
+        log(f"resumed {ckpt} at step {step}")
+    max_steps = min(cfg.max_steps, step + 2) if dry_run else cfg.max_steps
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    peak = model_lib.device_peak_flops(device)
+    log(f"{describe(cfg)}: {model.num_params():,} parameters ({cfg.model}), {len(train_tokens):,} train tokens, "
+        f"{len(test_seqs)} test sequences, batch {cfg.batch_size} x {cfg.block_size} "
+        f"({accum} x {cfg.micro_batch} x {world} proc), {max_steps} steps on {device}")
+    if master and not dry_run:
+        os.makedirs(out_dir, exist_ok=True)
+    progress = common.Progress(max_steps, start=step)
+    last_ckpt_step, t_log, window = step, time.time(), []
+    while step < max_steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss_sum, masked_frac = 0.0, 0.0
+        for micro in range(accum):
+            x0 = get_batch(train_tokens, cfg.micro_batch, cfg.block_size, data_gen).to(device)
+            t = masking.sample_t(cfg.micro_batch, cfg.t0, cfg.t1, stratified=True, generator=mask_gen, device=device)
+            xt, masked = masking.mask_tokens(x0, t, model.cfg.mask_id, generator=mask_gen)
+            if world > 1:
+                ddp_model.require_backward_grad_sync = micro == accum - 1
+            with autocast(device):
+                logits = ddp_model(xt, output_mask=masked if cfg.masked_head else None)
+            loss = masking.md_loss(logits, x0, masked, t) / accum
+            loss.backward()
+            loss_sum += loss.item()
+            masked_frac += masked.float().mean().item() / accum
+        if not math.isfinite(loss_sum):
+            raise SystemExit(f"error: the training loss became {loss_sum} at step {step + 1}; stopped. "
+                             f"The last good checkpoint is {ckpt} (step {last_ckpt_step})")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        window.append(loss_sum)
+        if step % cfg.log_every == 0 or step == max_steps:
+            dt = time.time() - t_log
+            tok_s = len(window) * tokens_per_step / dt
+            mfu = model_lib.estimate_mfu(model.flops_per_token(cfg.block_size, masked_frac if cfg.masked_head else 1),
+                                         tok_s, peak)
+            log(f"step {step:5d} | loss {sum(window) / len(window):.4f} (in-window) | lr {lr_at(step - 1, cfg):.2e} | "
+                f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") + f" | {progress.eta(step)}",
+                flush=True)
+            history.append(dict(step=step, train_loss=sum(window) / len(window), tokens_per_sec=tok_s,
+                                seconds=progress.elapsed()))
+            t_log, window = time.time(), []
+        if step % cfg.eval_every == 0 or step == max_steps:
+            test_loss, bins = evaluate(model, test_seqs, cfg, device)
+            history.append(dict(step=step, test_loss=test_loss, test_loss_bins=bins))
+            log(f"step {step:5d} | test loss {test_loss:.4f} (full-range bound, nats/token)")
+        if master and not dry_run and (step % cfg.ckpt_every == 0 or step == max_steps):
+            common.atomic_torch_save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step,
+                                          data_gen=data_gen.get_state(), mask_gen=mask_gen.get_state(),
+                                          rng=common.rng_state(), history=history, config=asdict(cfg)), ckpt)
+            last_ckpt_step = step
+    summary = summarize(cfg, history, model, progress.elapsed())
+    if master and not dry_run:
+        common.write_json(os.path.join(out_dir, "history.json"), history)
+        common.write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary, history
+
+
+def describe(cfg):
+    return f"MD U[{cfg.t0:g}, {cfg.t1:g}]"
+
+
+def summarize(cfg, history, model, seconds):
+    evals = [h for h in history if "test_loss" in h]
+    trains = [h for h in history if "train_loss" in h]
+    last = evals[-1]
+    return dict(settings=asdict(cfg), parameters=model.num_params(), steps=last["step"],
+                tokens=last["step"] * cfg.batch_size * cfg.block_size, seconds=round(seconds, 1),
+                test_loss=last["test_loss"], test_loss_bins=last["test_loss_bins"],
+                train_loss_in_window=trains[-1]["train_loss"] if trains else None,
+                test_loss_curve=[(h["step"], h["test_loss"]) for h in evals])
+
+
+# ----------------------------------------------------------------------------- the sweep (Fig. 3, 7)
+
+def run_dir(out_dir, t0, t1):
+    return os.path.join(out_dir, f"run_{t0:g}-{t1:g}")
+
+
+def parse_intervals(text):
+    """'0-0.1,0.45-0.55' -> [(0.0, 0.1), (0.45, 0.55)]"""
+    try:
+        out = [tuple(float(v) for v in item.split("-")) for item in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--intervals wants T0-T1[,T0-T1...], got {text!r}") from None
+    for iv in out:
+        if len(iv) != 2:
+            raise ValueError(f"--intervals wants T0-T1[,T0-T1...], got {text!r}")
+        masking.check_interval(*iv)
+    return out
+
+
+def child_argv(argv, t0, t1, device, out):
+    """This command's flags for one run of the sweep on one device."""
+    drop = {"--sweep", "--t0", "--t1", "--device", "--out-dir", "--intervals"}
+    kept, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        if tok.split("=")[0] in drop:
+            skip = "=" not in tok and tok not in ("--sweep",)
+            continue
+        kept.append(tok)
+    return [sys.executable, os.path.abspath(__file__), *kept, "--t0", str(t0), "--t1", str(t1),
+            "--device", device, "--out-dir", out]
+
+
+def sweep(cfg, intervals, out_dir, device, compile_model, argv):
+    """Train every interval (finished runs are skipped, interrupted ones resumed) and collect the results.
+    With several visible GPUs the runs are spread over them, one process per GPU."""
+    todo = [iv for iv in intervals if not os.path.exists(os.path.join(run_dir(out_dir, *iv), "summary.json"))]
+    print(f"--sweep: {len(intervals)} runs, {len(intervals) - len(todo)} already done")
+    n_gpu = torch.cuda.device_count() if device.startswith("cuda") else 0
+    if n_gpu > 1 and todo:
+        queue, running = list(todo), []
+        while queue or running:
+            busy = {d for d, _ in running}
+            for gpu in range(n_gpu):
+                if queue and gpu not in busy:
+                    t0, t1 = queue.pop(0)
+                    running.append((gpu, subprocess.Popen(child_argv(argv, t0, t1, f"cuda:{gpu}",
+                                                                     run_dir(out_dir, t0, t1)))))
+            time.sleep(5)
+            for item in [r for r in running if r[1].poll() is not None]:
+                running.remove(item)
+                if item[1].returncode:
+                    raise SystemExit(f"error: a sweep run on cuda:{item[0]} failed (exit {item[1].returncode})")
+    else:
+        for t0, t1 in todo:
+            s, _ = train(replace(cfg, t0=t0, t1=t1), run_dir(out_dir, t0, t1), device=device, resume=True,
+                         compile_model=compile_model)
+            print(f"U[{t0:g}, {t1:g}]: test loss {s['test_loss']:.4f} (in-window train loss "
+                  f"{s['train_loss_in_window']:.4f}) in {s['seconds']:.0f}s", flush=True)
+    return collect(intervals, out_dir)
+
+
+def collect(intervals, out_dir):
+    runs = []
+    for t0, t1 in intervals:
+        with open(os.path.join(run_dir(out_dir, t0, t1), "summary.json")) as f:
+            s = json.load(f)
+        runs.append(dict(t0=t0, t1=t1, test_loss=s["test_loss"], train_loss_in_window=s["train_loss_in_window"],
+                         test_loss_bins=s["test_loss_bins"], test_loss_curve=s["test_loss_curve"],
+                         steps=s["steps"], seconds=s["seconds"]))
+    results = dict(runs=runs)
+    common.write_json(os.path.join(out_dir, "sweep.json"), results)
+    with open(os.path.join(out_dir, "sweep.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["t0", "t1", "test_loss", "train_loss_in_window", "steps", "seconds"] +
+                   [f"bin_{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10)])
+        for r in runs:
+            w.writerow([r["t0"], r["t1"], f"{r['test_loss']:.4f}", f"{r['train_loss_in_window']:.4f}", r["steps"],
+                        r["seconds"], *(f"{b:.4f}" for b in r["test_loss_bins"])])
+    return results
+
+
+def plot_sweep(results, out_dir):
+    """Fig. 3 (final test loss vs interval midpoint, U[0,1] dashed), Fig. 7 (test loss vs step,
+    baseline black) and the per-t-bin test loss of every run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = results["runs"]
+    base = [r for r in runs if (r["t0"], r["t1"]) == (0.0, 1.0)]
+    narrow = sorted((r for r in runs if (r["t0"], r["t1"]) != (0.0, 1.0)), key=lambda r: r["t0"] + r["t1"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot([(r["t0"] + r["t1"]) / 2 for r in narrow], [r["test_loss"] for r in narrow], "o-", label="U[t0, t1]")
+    if base:
+        ax.axhline(base[0]["test_loss"], ls="--", color="C0", label=f"U[0, 1]: {base[0]['test_loss']:.3f}")
+    ax.set(xlabel="interval midpoint (t0 + t1)/2", ylabel="test loss (full-range bound, nats/token)",
+           title="Fig. 3: test loss vs masking interval")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "fig3_loss_vs_interval.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cmap = plt.get_cmap("viridis")
+    for r in narrow:
+        steps, losses = zip(*r["test_loss_curve"])
+        ax.plot(steps, losses, color=cmap((r["t0"] + r["t1"]) / 2), label=f"[{r['t0']:g}, {r['t1']:g}]")
+    for r in base:
+        steps, losses = zip(*r["test_loss_curve"])
+        ax.plot(steps, losses, color="k", lw=2, label="[0, 1]")
+    ax.set(xlabel="step", ylabel="test loss (nats/token)", title="Fig. 7: test loss over training")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "fig7_loss_vs_step.png"), dpi=120)
+    plt.close(fig)
+
+    ordered = narrow + base
+    grid = np.array([r["test_loss_bins"] for r in ordered])
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(ordered) + 1.5))
+    im = ax.imshow(grid, aspect="auto", cmap="magma_r")
+    ax.set_xticks(range(10), [f"{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10)], rotation=45, fontsize=8)
+    ax.set_yticks(range(len(ordered)), [f"U[{r['t0']:g}, {r['t1']:g}]" for r in ordered], fontsize=8)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="w" if grid[i, j] > np.nanmean(grid) else "k")
+    ax.set(xlabel="test mask ratio t (bin)", ylabel="trained on", title="test loss per t-bin (nats/token)")
+    fig.colorbar(im)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss_per_t_bin.png"), dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def benchmark(cfg, device, compile_model, steps=20, warmup=5):
+    """Time training steps of the preset's micro-batch on random tokens (no data needed), with the
+    output head on masked positions only and on every position; report tokens/s and MFU."""
+    peak = model_lib.device_peak_flops(device)
+    results = {}
+    for masked_head in (True, False):
+        model = model_lib.Transformer(model_lib.get_config(cfg.model)).to(device)
+        if compile_model:
+            for block in model.transformer.blocks:
+                block.compile()
+        opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
+        g = torch.Generator(device).manual_seed(0)
+        frac = 0.0
+        for i in range(warmup + steps):
+            if i == warmup:
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t_start = time.time()
+            x0 = torch.randint(0, 50257, (cfg.micro_batch, cfg.block_size), generator=g, device=device)
+            t = masking.sample_t(cfg.micro_batch, cfg.t0, cfg.t1, stratified=True, generator=g, device=device)
+            xt, masked = masking.mask_tokens(x0, t, model.cfg.mask_id, generator=g)
+            with autocast(device):
+                logits = model(xt, output_mask=masked if masked_head else None)
+            masking.md_loss(logits, x0, masked, t).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            frac += masked.float().mean().item() / (warmup + steps)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        tok_s = steps * cfg.micro_batch * cfg.block_size / (time.time() - t_start)
+        flops = model.flops_per_token(cfg.block_size, frac if masked_head else 1.0)
+        results["masked_head" if masked_head else "full_head"] = dict(
+            tokens_per_sec=tok_s, mfu=model_lib.estimate_mfu(flops, tok_s, peak),
+            seconds_per_step_of_full_batch=cfg.batch_size * cfg.block_size / tok_s)
+        mfu = results["masked_head" if masked_head else "full_head"]["mfu"]
+        print(f"{'masked-only head' if masked_head else 'full head       '}: {tok_s:,.0f} tok/s"
+              + (f", MFU {100 * mfu:.1f}%" if mfu else "") + f", {cfg.batch_size}x{cfg.block_size} step "
+              f"{cfg.batch_size * cfg.block_size / tok_s:.2f}s -> {cfg.max_steps} steps "
+              f"{cfg.max_steps * cfg.batch_size * cfg.block_size / tok_s / 60:.1f} min", flush=True)
+    gain = results["masked_head"]["tokens_per_sec"] / results["full_head"]["tokens_per_sec"]
+    print(f"masked-only head speed-up at t ~ U[{cfg.t0:g}, {cfg.t1:g}]: {gain:.2f}x")
+    return dict(device=torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+                model=cfg.model, micro_batch=cfg.micro_batch, block_size=cfg.block_size, compile=compile_model,
+                t0=cfg.t0, t1=cfg.t1, speedup=gain, **results)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'WikiText'.")
+    common.add_common_args(p, presets=PRESETS, preset="paper", t0=0.0, t1=1.0, out_dir="out/wikitext")
+    for f in fields(WikiConfig):
+        if f.name in ("t0", "t1", "seed", "max_steps", "masked_head"):
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                       help=f"(paper preset: {f.default!r})")
+    p.add_argument("--full-head", action="store_true", help="run the output head on every position")
+    p.add_argument("--sweep", action="store_true", help="Fig. 3/7: train every interval of --intervals")
+    p.add_argument("--intervals", default=None, help="T0-T1[,T0-T1...] (default: the ten width-0.1 ones + 0-1)")
+    p.add_argument("--interval", choices=["auto"], default=None,
+                   help="auto: the window of --window around the t* of the training corpus (theory.py, F.4)")
+    p.add_argument("--window", type=float, default=0.1, help="width of the --interval auto window (%(default)s)")
+    p.add_argument("--benchmark", action="store_true", help="time training steps; report tokens/s and MFU")
+    p.add_argument("--bench-steps", type=int, default=20, help="timed steps per benchmark (%(default)s)")
+    return p.parse_args(argv)
+
+
+def config_from_args(a):
+    values = dict(PRESETS[a.preset])
+    values.update({f.name: getattr(a, f.name) for f in fields(WikiConfig)
+                   if hasattr(a, f.name) and f.name not in ("t0", "t1", "seed", "max_steps")
+                   and getattr(a, f.name) is not None})
+    values.update(t0=a.t0, t1=a.t1, seed=a.seed, masked_head=not a.full_head)
+    if a.max_steps is not None:
+        values["max_steps"] = a.max_steps
+    return WikiConfig(**values)
+
+
+def auto_interval(cfg, width):
+    """F.4: centre the window on the t* of the training split's n-gram statistics."""
+    enc = common.gpt2_tokenizer(cfg.tokenizer_file or None)
+    ids = load_tokens(cfg, cfg.train_split, enc)
+    weights, _ = theory.ngram_weights(np.asarray(ids))
+    t_star = theory.language_t_star(weights, 1)
+    t0, t1 = max(0.0, t_star - width / 2), min(1.0, t_star + width / 2)
+    print(f"--interval auto: w_2..w_6 = {', '.join(f'{w:.4f}' for w in weights.values())}, "
+          f"t* = {t_star:.3f} (linear; quadratic {theory.language_t_star(weights, 2):.3f}) -> U[{t0:.3f}, {t1:.3f}]")
+    return round(t0, 4), round(t1, 4)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse_args(argv)
+    cfg = config_from_args(a)
+    masking.check_interval(cfg.t0, cfg.t1)
+    device = common.pick_device(a.device)
+    if a.benchmark:
+        out = benchmark(cfg, device, a.compile, steps=a.bench_steps)
+        if not a.dry_run:
+            os.makedirs(a.out_dir, exist_ok=True)
+            common.write_json(os.path.join(a.out_dir, "benchmark.json"), out)
+        return
+    if a.interval == "auto":
+        cfg = replace(cfg, **dict(zip(("t0", "t1"), auto_interval(cfg, a.window))))
+    if a.sweep:
+        intervals = parse_intervals(a.intervals) if a.intervals else SWEEP
+        results = sweep(cfg, intervals, a.out_dir, device, a.compile, argv)
+        for r in results["runs"]:
+            print(f"U[{r['t0']:g}, {r['t1']:g}]  test loss {r['test_loss']:.4f}  "
+                  f"bins {' '.join(f'{b:.2f}' for b in r['test_loss_bins'])}")
+        if a.plot:
+            plot_sweep(results, a.out_dir)
+        print(f"wrote {a.out_dir}/sweep.json, sweep.csv" + (", fig3_loss_vs_interval.png, fig7_loss_vs_step.png, "
+                                                             "loss_per_t_bin.png" if a.plot else ""))
+        return
+    summary, _ = train(cfg, a.out_dir, device=device, resume=a.resume, compile_model=a.compile, dry_run=a.dry_run)
+    print(f"{describe(cfg)}: test loss {summary['test_loss']:.4f} nats/token (full-range bound), in-window train "
+          f"loss {summary['train_loss_in_window']:.4f}, {summary['steps']} steps, {summary['seconds']:.0f}s")
+    print("test loss per t-bin: " + " ".join(f"{b:.2f}" for b in summary["test_loss_bins"]))
+    if not a.dry_run:
+        print(f"wrote {a.out_dir}/summary.json")
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
