@@ -72,6 +72,7 @@ class ParityConfig:
     max_steps: int = 4000
     eval_every: int = 50
     stop_acc: float = 0.99         # stop once train and val accuracy both reach this (> 1: never)
+    fresh: bool = False            # a new sample every step (N = infinity): finding S without memorisation
     seed: int = 0
     threads: int = 0               # torch CPU threads (0 = PyTorch's default)
 
@@ -100,6 +101,12 @@ def make_data(n, k, n_train, n_val, seed):
     y = x[:, S].prod(1, keepdim=True)
     rows = torch.cat([x, y], 1)
     return S, rows[:n_train], rows[n_train:]
+
+
+def fresh_tokens(B, n, S, generator, device):
+    """B new uniform inputs with their parity label, as tokens (training on the population)."""
+    x = torch.randint(0, 2, (B, n), generator=generator, device=device) * 2 - 1
+    return to_tokens(torch.cat([x, x[:, S].prod(1, keepdim=True)], 1))
 
 
 def to_tokens(rows):
@@ -277,7 +284,12 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
               f"parameters, batch {B}, {max_steps} steps on {device}")
     while step < max_steps:
         t_start = time.time()
-        x0 = train_tok if B == cfg.n_train else train_tok[torch.randint(0, cfg.n_train, (B,), generator=g, device=device)]
+        if cfg.fresh:
+            x0 = fresh_tokens(B, cfg.n, S.to(device), g, device)
+        elif B == cfg.n_train:
+            x0 = train_tok
+        else:
+            x0 = train_tok[torch.randint(0, cfg.n_train, (B,), generator=g, device=device)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         if cfg.objective == "md":
@@ -502,19 +514,22 @@ def parse_args(argv=None):
                  "embed": "transformer embedding: additive (wte + wpe) | joint (one id per value and position, "
                           "Def. 3.5)", "loss": "auto | ce | mse (auto: mse for the mlp, ce for the transformer)",
                  "init_std": "std of the MLP's W (0: PyTorch's default)",
+                 "fresh": "a new sample every step (N = infinity)",
                  "batch_size": "0 = full batch", "stop_acc": "stop once train and val reach this (>1: never)",
                  "threads": "torch CPU threads (0 = default)"}
     for f in fields(ParityConfig):
         if f.name in ("t0", "t1", "seed", "max_steps"):
             continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+        kind = dict(action="store_true") if isinstance(f.default, bool) else dict(type=type(f.default))
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
                        help=f"{flag_help.get(f.name, '')} (mlp preset: {PRESETS['mlp'].get(f.name, f.default)!r})")
     p.add_argument("--compare", action="store_true", help="Fig. 2/6: label and md over --intervals and --seeds")
     p.add_argument("--intervals", type=float, nargs="+", default=[0.1, 0.2, 0.246, 0.3, 0.4, 1.0],
                    help="--compare: upper ends t1 of U[0, t1] (%(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare: seeds (%(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="--compare: runs in parallel, 1 CPU thread each (%(default)s)")
-    p.add_argument("--label-steps", type=int, default=None, help="--compare: max steps of the label runs (default: --max-steps)")
+    p.add_argument("--label-steps", type=int, default=None,
+                   help="--compare: max steps of the label runs (default: --max-steps)")
     return p.parse_args(argv)
 
 
