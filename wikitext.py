@@ -272,6 +272,10 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
             loss.backward()
             loss_sum += loss.item()
             masked_frac += masked.float().mean().item() / accum
+        if world > 1:                  # log the mean over processes, not rank 0's share
+            loss_t = torch.tensor(loss_sum, device=device)
+            torch.distributed.all_reduce(loss_t)
+            loss_sum = loss_t.item() / world
         if not math.isfinite(loss_sum):
             raise SystemExit(f"error: the training loss became {loss_sum} at step {step + 1}; stopped. "
                              f"The last good checkpoint is {ckpt} (step {last_ckpt_step})")
@@ -304,6 +308,8 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
     if master and not dry_run:
         common.write_json(os.path.join(out_dir, "history.json"), history)
         common.write_json(os.path.join(out_dir, "summary.json"), summary)
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return summary, history
 
 
@@ -575,6 +581,8 @@ def main(argv=None):
                                                              "loss_per_t_bin.png" if a.plot else ""))
         return
     summary, _ = train(cfg, a.out_dir, device=device, resume=a.resume, compile_model=a.compile, dry_run=a.dry_run)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     print(f"{describe(cfg)}: test loss {summary['test_loss']:.4f} nats/token (full-range bound), in-window train "
           f"loss {summary['train_loss_in_window']:.4f}, {summary['steps']} steps, {summary['seconds']:.0f}s")
     print("test loss per t-bin: " + " ".join(f"{b:.2f}" for b in summary["test_loss_bins"]))
