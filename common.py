@@ -94,6 +94,13 @@ class Progress:
         return f"{self.elapsed():.0f}s elapsed, ETA {left:.0f}s"
 
 
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_cli(main):
     """Run main(); a user error (bad flag value, missing file) is one line on stderr, no traceback."""
     try:

@@ -73,6 +73,7 @@ class ParityConfig:
     eval_every: int = 50
     stop_acc: float = 0.99         # stop once train and val accuracy both reach this (> 1: never)
     fresh: bool = False            # a new sample every step (N = infinity): finding S without memorisation
+    secret_only: bool = False      # diagnostic: MD loss on masked positions of S' only (noise bits unsupervised)
     seed: int = 0
     threads: int = 0               # torch CPU threads (0 = PyTorch's default)
 
@@ -255,6 +256,8 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
     common.set_seed(cfg.seed)
     S, train_rows, val_rows = make_data(cfg.n, cfg.k, cfg.n_train, cfg.n_val, cfg.seed)
     S_prime = torch.cat([S, torch.tensor([cfg.n])]).to(device)
+    in_secret = torch.zeros(cfg.n + 1, dtype=torch.bool, device=device)
+    in_secret[S_prime] = True
     train_tok, val_tok = to_tokens(train_rows).to(device), to_tokens(val_rows).to(device)
     model = build_model(cfg).to(device)
     if cfg.model == "transformer":
@@ -296,7 +299,7 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
             t = masking.sample_t(B, cfg.t0, cfg.t1, generator=g, device=device)    # Def. 3.4
             xt, masked = masking.mask_tokens(x0, t, MASK, generator=g)
             out = predict(fwd, cfg, xt)
-            rows = md_rows(out, cfg, x0, masked, t)
+            rows = md_rows(out, cfg, x0, masked & in_secret if cfg.secret_only else masked, t)
             loss = rows.mean()
         else:
             out = predict(fwd, cfg, mask_label(x0))
@@ -386,9 +389,7 @@ def plot_run(history, cfg, path):
         ax.plot(steps, [h["noise_out2"] for h in history], label="mean out² on noise inputs")
         ax.set(xlabel="step", title="signal share and the implicit regulariser")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def run_name(objective, t1):
@@ -412,9 +413,7 @@ def plot_compare(rows, histories, out_dir):
     ax.set(xlabel="step", ylabel="accuracy", title=f"Fig. 2: train (dashed) and validation (solid), seed {seed0}",
            ylim=(0.4, 1.02))
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "fig2_accuracy.png"), dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(out_dir, "fig2_accuracy.png"))
     # Fig. 6: the label runs, every seed
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for (n, seed), h in histories.items():
@@ -425,9 +424,7 @@ def plot_compare(rows, histories, out_dir):
     for ax, what in zip(axes, ("training", "validation")):
         ax.set(xlabel="step", ylabel=f"{what} accuracy", title=f"Fig. 6: label-only, {what}", ylim=(0.4, 1.02))
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "fig6_label.png"), dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(out_dir, "fig6_label.png"))
     # steps to 95% validation per run, every seed (not reached: drawn at the top, hollow)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     cap = max(r["steps"] for r in rows)
@@ -439,9 +436,7 @@ def plot_compare(rows, histories, out_dir):
                            facecolors=colors[n] if hit else "none", s=40)
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set(ylabel="steps to 95% validation", title="steps to 95% validation (hollow: not reached)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "steps_to_95.png"), dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(out_dir, "steps_to_95.png"))
 
 
 # ----------------------------------------------------------------------------- --compare
@@ -515,6 +510,7 @@ def parse_args(argv=None):
                           "Def. 3.5)", "loss": "auto | ce | mse (auto: mse for the mlp, ce for the transformer)",
                  "init_std": "std of the MLP's W (0: PyTorch's default)",
                  "fresh": "a new sample every step (N = infinity)",
+                 "secret_only": "diagnostic: supervise masked positions of S' only, never the noise bits",
                  "batch_size": "0 = full batch", "stop_acc": "stop once train and val reach this (>1: never)",
                  "threads": "torch CPU threads (0 = default)"}
     for f in fields(ParityConfig):

@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+import common
+
 PAPER_WIKITEXT_WEIGHTS = {2: 0.7427, 3: 0.2063, 4: 0.0401, 5: 0.0084, 6: 0.0024}   # App. F.4
 
 
@@ -388,9 +390,7 @@ def make_plots(out_dir, n, k, delta, corpus_weights=None, energies=None):
         ax.plot(b, signal_prob(0, b, kk), "o", color=line.get_color())
     ax.set(xlabel="t1  (t ~ U[0, t1])", ylabel="P_S", title="Signal probability P_S vs t1 (dots: optimum)")
     ax.legend(ncol=2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "signal_prob.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(out_dir, "signal_prob.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     sets = [("paper's WikiText weights", PAPER_WIKITEXT_WEIGHTS)] + ([("corpus weights", corpus_weights)]
@@ -404,9 +404,7 @@ def make_plots(out_dir, n, k, delta, corpus_weights=None, energies=None):
             ax.axvline(ts, color=line.get_color(), ls=":", lw=1)
     ax.set(xlabel="mask ratio t", ylabel="Signal(t) / max", title="App. F.4: n-gram mixture signal")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "language_signal.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(out_dir, "language_signal.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for kk in (2, 3, k) if k not in (2, 3) else (2, 3, 4):
@@ -417,9 +415,7 @@ def make_plots(out_dir, n, k, delta, corpus_weights=None, energies=None):
     ax.set(xlabel="t1  (t ~ U[0, t1])", ylabel="N bound (Thm 4.2)", yscale="log",
            title=f"Sample-complexity bound, n = {n}, delta = {delta} (dots: Cor. 4.7)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "sample_bound.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(out_dir, "sample_bound.png"))
 
     if energies:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -434,14 +430,11 @@ def make_plots(out_dir, n, k, delta, corpus_weights=None, energies=None):
         ax.set(xlabel="P_S", ylabel="E(W) of a planted W", yscale="log", xscale="log",
                title=f"Thm 4.5: energy vs P_S, ({n}, {k}) parity")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "energy.png"), dpi=120)
-        plt.close(fig)
+        common.save_figure(fig, os.path.join(out_dir, "energy.png"))
 
 
 def corpus_token_ids(corpus, tokenizer_file):
     """Token ids of a local raw-text file, or of a Hugging Face dataset's train split."""
-    import common
     enc = common.gpt2_tokenizer(tokenizer_file)
     if os.path.exists(corpus):
         with open(corpus, encoding="utf-8") as f:
@@ -491,7 +484,6 @@ def main(argv=None):
     for r in rows:
         print(line(r))
     os.makedirs(a.out_dir, exist_ok=True)
-    import common
     common.write_json(os.path.join(a.out_dir, "summary.json"),
                       dict(settings=vars(a), corpus_weights=corpus_weights,
                            table=[dict(zip(("quantity", "ours", "paper", "check"), r)) for r in rows]))
@@ -502,5 +494,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import common
     common.run_cli(main)

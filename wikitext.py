@@ -428,9 +428,7 @@ def plot_sweep(results, out_dir):
     ax.set(xlabel="interval midpoint (t0 + t1)/2", ylabel="test loss (full-range bound, nats/token)",
            title="Fig. 3: test loss vs masking interval")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "fig3_loss_vs_interval.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(out_dir, "fig3_loss_vs_interval.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     cmap = plt.get_cmap("viridis")
@@ -442,9 +440,7 @@ def plot_sweep(results, out_dir):
         ax.plot(steps, losses, color="k", lw=2, label="[0, 1]")
     ax.set(xlabel="step", ylabel="test loss (nats/token)", title="Fig. 7: test loss over training")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "fig7_loss_vs_step.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(out_dir, "fig7_loss_vs_step.png"))
 
     ordered = narrow + base
     grid = np.array([r["test_loss_bins"] for r in ordered])
@@ -458,9 +454,7 @@ def plot_sweep(results, out_dir):
                     color="w" if grid[i, j] > np.nanmean(grid) else "k")
     ax.set(xlabel="test mask ratio t (bin)", ylabel="trained on", title="test loss per t-bin (nats/token)")
     fig.colorbar(im)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss_per_t_bin.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(out_dir, "loss_per_t_bin.png"))
 
 
 # ----------------------------------------------------------------------------- benchmark

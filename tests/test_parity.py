@@ -110,7 +110,7 @@ def test_transformer_and_label_objective_run(tmp_path):
     for kw in (dict(model="transformer", n_layer=1, d_model=32, n_head=2, mlp_hidden=64, batch_size=64),
                dict(model="transformer", embed="joint", n_layer=1, d_model=32, n_head=2, mlp_hidden=64,
                     batch_size=64, objective="label"),
-               dict(objective="label"), dict(loss="ce")):
+               dict(objective="label"), dict(loss="ce"), dict(secret_only=True), dict(fresh=True, batch_size=64)):
         s, h = parity.train(small(max_steps=4, eval_every=2, **kw), str(tmp_path / str(len(kw))), quiet=True)
         assert 0 <= s["val_acc"] <= 1 and len(h) == 2
 
