@@ -95,8 +95,11 @@ def make_data(n, k, n_train, n_val, seed):
     rows x' = (x, y) in {-1,+1}^(n+1); no validation input also appears in training."""
     g = torch.Generator().manual_seed(seed)
     S = torch.randperm(n, generator=g)[:k].sort().values
-    codes = torch.randperm(2 ** n, generator=g)[: n_train + n_val] if n <= 24 else \
-        torch.randint(0, 2 ** 62, (n_train + n_val,), generator=g)     # distinct inputs
+    if n <= 24:
+        codes = torch.randperm(2 ** n, generator=g)[: n_train + n_val]
+    else:                     # too many inputs to enumerate: draw, drop repeats, shuffle back
+        codes = torch.randint(0, 2 ** n, (2 * (n_train + n_val),), generator=g).unique()
+        codes = codes[torch.randperm(len(codes), generator=g)][: n_train + n_val]
     bits = (codes[:, None] >> torch.arange(n)) & 1
     x = bits * 2 - 1
     y = x[:, S].prod(1, keepdim=True)
@@ -171,20 +174,22 @@ def uses_ce(cfg):
 
 # ----------------------------------------------------------------------------- objectives
 
+def as_logits(out):
+    """(..., 2) logits; with cross-entropy the MLP's f is the logit of +1 (Remark 4.4)."""
+    return out if out.dim() == 3 else torch.stack([torch.zeros_like(out), out], -1)
+
+
 def md_rows(out, cfg, x0, masked, t):
     """Eq. (1) per row (its mean is the MD loss), so the batch can be split by regime."""
-    if not uses_ce(cfg):
-        return masking.md_mse_loss(out, x0 * 2 - 1, masked, t, reduction="none")
-    if out.dim() == 2:              # the MLP with cross-entropy: f is the logit of +1 (Remark 4.4)
-        out = torch.stack([torch.zeros_like(out), out], -1)
-    return masking.md_loss(out, x0, masked, t, reduction="none")
+    if uses_ce(cfg):
+        return masking.md_loss(as_logits(out), x0, masked, t, reduction="none")
+    return masking.md_mse_loss(out, x0 * 2 - 1, masked, t, reduction="none")
 
 
 def label_loss(out, cfg, y):
     """The standard objective: supervise the label position only."""
     if uses_ce(cfg):
-        logits = out[:, -1] if out.dim() == 3 else torch.stack([torch.zeros_like(out[:, -1]), out[:, -1]], -1)
-        return F.cross_entropy(logits.float(), y)
+        return F.cross_entropy(as_logits(out)[:, -1].float(), y)
     return 0.5 * (out[:, -1] - (y * 2 - 1)).square().mean()
 
 
