@@ -275,10 +275,10 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
     step, train_seconds, history = 0, 0.0, []
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)   # RNG states must stay on the CPU
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        g.set_state(ck["gen"].to(g.get_state().device) if ck["gen"].device.type != "cpu" else ck["gen"])
+        g.set_state(ck["gen"])
         step, train_seconds, history = ck["step"], ck["train_seconds"], ck["history"]
         if not quiet:
             print(f"resumed {ckpt_path} at step {step}")

@@ -238,11 +238,11 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
     mask_gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank + 1)  # t and masks
     step, history, ckpt = 0, [], os.path.join(out_dir, "ckpt.pt")
     if resume and os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)    # RNG states must stay on the CPU
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         data_gen.set_state(state["data_gen"])
-        mask_gen.set_state(state["mask_gen"].to(mask_gen.get_state().device))
+        mask_gen.set_state(state["mask_gen"])
         common.set_rng_state(state["rng"])
         step, history = state["step"], state["history"]
         log(f"resumed {ckpt} at step {step}")
