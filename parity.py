@@ -65,6 +65,7 @@ class ParityConfig:
     loss: str = "auto"             # "ce" | "mse" | "auto" (mse for the mlp, as F.1; ce for the transformer, as §4.5)
     # optimisation
     batch_size: int = 0            # 0 = full batch
+    micro_batch: int = 1000        # rows per forward/backward (accumulated): cache-sized, 2x faster on a CPU
     lr: float = 1e-3
     warmup: int = 0
     weight_decay: float = 0.0
@@ -300,26 +301,29 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
             x0 = train_tok[torch.randint(0, cfg.n_train, (B,), generator=g, device=device)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        if cfg.objective == "md":
-            t = masking.sample_t(B, cfg.t0, cfg.t1, generator=g, device=device)    # Def. 3.4
-            xt, masked = masking.mask_tokens(x0, t, MASK, generator=g)
-            out = predict(fwd, cfg, xt)
-            rows = md_rows(out, cfg, x0, masked & in_secret if cfg.secret_only else masked, t)
-            loss = rows.mean()
-        else:
-            out = predict(fwd, cfg, mask_label(x0))
-            loss = label_loss(out, cfg, x0[:, -1])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, parts = 0.0, []
+        for xb in x0.split(cfg.micro_batch or B):     # gradient accumulation: same step, cache-sized pieces
+            if cfg.objective == "md":
+                t = masking.sample_t(len(xb), cfg.t0, cfg.t1, generator=g, device=device)    # Def. 3.4
+                xt, masked = masking.mask_tokens(xb, t, MASK, generator=g)
+                out = predict(fwd, cfg, xt)
+                rows = md_rows(out, cfg, xb, masked & in_secret if cfg.secret_only else masked, t)
+                parts.append((rows.detach(), out.detach(), masked))
+                piece = rows.sum() / B
+            else:
+                piece = label_loss(predict(fwd, cfg, mask_label(xb)), cfg, xb[:, -1]) * len(xb) / B
+            piece.backward()
+            loss += piece.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         train_seconds += time.time() - t_start
         if step % cfg.eval_every == 0 or step == max_steps:
-            rec = dict(step=step, seconds=round(train_seconds, 2), loss=loss.item(),
+            rec = dict(step=step, seconds=round(train_seconds, 2), loss=loss,
                        train_acc=accuracy(model, cfg, train_tok), val_acc=accuracy(model, cfg, val_tok))
             if cfg.objective == "md":
-                rec.update(regime_stats(rows.detach(), out.detach(), masked, S_prime, cfg), P_S=P_S)
+                rec.update(regime_stats(*(torch.cat(p) for p in zip(*parts)), S_prime, cfg), P_S=P_S)
             history.append(rec)
             if not quiet:
                 extra = (f" | signal {rec['loss_signal']:.3f} noise {rec['loss_noise']:.3f} "
@@ -516,7 +520,7 @@ def parse_args(argv=None):
                  "init_std": "std of the MLP's W (0: PyTorch's default)",
                  "fresh": "a new sample every step (N = infinity)",
                  "secret_only": "diagnostic: supervise masked positions of S' only, never the noise bits",
-                 "batch_size": "0 = full batch", "stop_acc": "stop once train and val reach this (>1: never)",
+                 "batch_size": "0 = full batch", "micro_batch": "rows per forward/backward, accumulated (0: all)", "stop_acc": "stop once train and val reach this (>1: never)",
                  "threads": "torch CPU threads (0 = default)"}
     for f in fields(ParityConfig):
         if f.name in ("t0", "t1", "seed", "max_steps"):
