@@ -26,8 +26,8 @@ output on noise-regime inputs, the quantity the implicit regulariser drives down
 import argparse
 import csv
 import json
-import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -464,17 +464,19 @@ def _compare_job(job):
 
 
 def table(rows):
-    """Median and range of steps/seconds to 95% validation per run over seeds."""
+    """Median and range of steps/seconds to 95% validation per run over seeds (None: no seed got there)."""
+    def spread(values):
+        return (statistics.median(values), [min(values), max(values)]) if values else (None, None)
     out = []
     for n in dict.fromkeys(r["run"] for r in rows):
         rs = [r for r in rows if r["run"] == n]
         hit = [r for r in rs if r["steps_to_95"] is not None]
-        med = lambda v: sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2
-        steps, secs = [r["steps_to_95"] for r in hit], [r["seconds_to_95"] for r in hit]
+        (steps_median, steps_range), (seconds_median, seconds_range) = (
+            spread([r["steps_to_95"] for r in hit]), spread([r["seconds_to_95"] for r in hit]))
         out.append(dict(run=n, P_S=rs[0]["P_S"], seeds=len(rs), reached=len(hit),
-                        steps_median=med(steps) if hit else None, steps_range=[min(steps), max(steps)] if hit else None,
-                        seconds_median=med(secs) if hit else None, seconds_range=[min(secs), max(secs)] if hit else None,
-                        train99_median=med([r["steps_to_train_99"] or r["steps"] for r in rs])))
+                        steps_median=steps_median, steps_range=steps_range,
+                        seconds_median=seconds_median, seconds_range=seconds_range,
+                        train99_median=statistics.median([r["steps_to_train_99"] or r["steps"] for r in rs])))
     return out
 
 
@@ -527,7 +529,8 @@ def parse_args(argv=None):
                  "init_std": "std of the MLP's W (0: PyTorch's default)",
                  "fresh": "a new sample every step (N = infinity)",
                  "secret_only": "diagnostic: supervise masked positions of S' only, never the noise bits",
-                 "batch_size": "0 = full batch", "micro_batch": "rows per forward/backward, accumulated (0: all)", "stop_acc": "stop once train and val reach this (>1: never)",
+                 "batch_size": "0 = full batch", "micro_batch": "rows per forward/backward, accumulated (0: all)",
+                 "stop_acc": "stop once train and val reach this (>1: never)",
                  "threads": "torch CPU threads (0 = default)"}
     for f in fields(ParityConfig):
         if f.name in ("t0", "t1", "seed", "max_steps"):

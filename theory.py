@@ -334,16 +334,16 @@ def table_rows(n, k, delta, t0, t1, draws, seed, corpus_weights=None):
         rows.append((f"P_S, U[0, {b}] (Thm 4.3)", f(signal_prob(0.0, b, k)), "—", pm(mc["signal"])))
     mc = mc_parity(n, k, t0, t1, draws, seed + 99)
     rows.append((f"P_S, U[{t0}, {t1}] (your interval)", f(signal_prob(t0, t1, k)), "—", pm(mc["signal"])))
-    rows.append((f"P_S-optimal point 1/(k+1) (Cor. 4.8)", f(signal_optimal_point(k)), f(1 / (k + 1)), "—"))
+    rows.append(("P_S-optimal point 1/(k+1) (Cor. 4.8)", f(signal_optimal_point(k)), f(1 / (k + 1)), "—"))
     grid = np.linspace(1e-4, 1, 20001)
     bt = best_t1(k, 0.0)
-    rows.append((f"P_S-optimal t1 for t0 = 0", f(bt), "0.246" if k == 6 else "—",
+    rows.append(("P_S-optimal t1 for t0 = 0", f(bt), "0.246" if k == 6 else "—",
                  f"grid argmax {grid[np.argmax([signal_prob(0, g, k) for g in grid])]:.4f}"))
     rows.append((f"P_S at U[0, {bt:.3f}]", f(signal_prob(0, bt, k)), "—", "—"))
     if t0 > 0:
         rows.append((f"P_S-optimal t1 for t0 = {t0}", f(best_t1(k, t0)), "—", "—"))
     so = sample_optimal_t1(k)
-    rows.append((f"sample-optimal t1, t0 = 0 (Cor. 4.7)", f(so), "root of (2k+1)y^(k+1)-(2k+2)y^k+1",
+    rows.append(("sample-optimal t1, t0 = 0 (Cor. 4.7)", f(so), "root of (2k+1)y^(k+1)-(2k+2)y^k+1",
                  f"residual {cor47_residual(k, so):.1e}; grid argmin "
                  f"{grid[np.argmin([sample_bound(0, g, k, n, delta) for g in grid])]:.4f}"))
     for b in (bt, so, 1.0):
@@ -476,7 +476,8 @@ def main(argv=None):
     energies = dict(zip(FIG2_T1 + (0.05, 0.6), energy_curve(a.n, a.k, FIG2_T1 + (0.05, 0.6), a.seed)))
     for b in sorted(energies):
         ps, e = energies[b]
-        rows.append((f"Thm 4.5 energy E(W), planted W, U[0, {b:g}]", f"{e:.4f}", "∝ P_S²", f"E / P_S² = {e / ps**2:.3f}"))
+        rows.append((f"Thm 4.5 energy E(W), planted W, U[0, {b:g}]", f"{e:.4f}", "∝ P_S²",
+                     f"E / P_S² = {e / ps**2:.3f}"))
     widths = [max(len(r[i]) for r in rows + [("quantity", "ours", "paper", "check")]) for i in range(4)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
     print(f"(n, k) = ({a.n}, {a.k}); Monte Carlo: {a.draws:,} draws, seed {a.seed}")

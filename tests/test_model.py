@@ -3,7 +3,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import masking
 import model
