@@ -70,7 +70,15 @@ def mask_tokens(x0, t, mask_id, *, maskable=None, generator=None):
     return xt, masked
 
 
-def md_loss(logits, x0, masked, t, *, maskable=None, reduction="mean"):
+def token_ce(logits, targets):
+    """Per-token cross-entropy, computed in fp32 whatever the logits' dtype. Under
+    torch.compile the upcast fuses into the softmax: at a 50k vocabulary the
+    eager fp32 copy and its gradient cost more GPU time than the transformer's
+    matmuls (README "Speed")."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def md_loss(logits, x0, masked, t, *, maskable=None, reduction="mean", ce_fn=token_ce):
     """The MD loss (§5; LLaDA Eq. 3 for pre-training, Eq. 5 for SFT):
 
         (1/B) sum_b (1/t_b) sum_i masked[b,i] * CE(logits[b,i], x0[b,i]) / L_b
@@ -81,12 +89,13 @@ def md_loss(logits, x0, masked, t, *, maskable=None, reduction="mean"):
 
     logits: (B, L, V), or (n_masked, V) already taken at the masked positions in
     row-major order (what `Transformer(..., output_mask=masked)` returns).
-    reduction="none" returns the B per-row terms instead of their mean.
+    reduction="none" returns the B per-row terms instead of their mean;
+    ce_fn is token_ce, or a compiled copy of it.
     """
     B, L = x0.shape
     if logits.dim() == 3:
         logits = logits[masked]
-    ce = F.cross_entropy(logits.float(), x0[masked], reduction="none")
+    ce = ce_fn(logits, x0[masked])
     n_valid = maskable.sum(1) if maskable is not None else torch.full_like(t, L)
     row_weight = 1.0 / (t.clamp_min(EPS) * n_valid.clamp_min(1))    # Eq. (1): 1/t weight
     row = masked.nonzero()[:, 0]
@@ -144,7 +153,7 @@ def elbo_nll(model_fn, x0, mask_id, *, n_t=8, maskable=None, generator=None):
     """The held-out test loss of §5: the MD bound on NLL per token (nats), t over
     the FULL [0, 1] whatever interval the model trained on. Pass a seeded
     `generator` so every run is scored on the same draws."""
-    t, nll = elbo_terms(model_fn, x0, mask_id, n_t=n_t, maskable=maskable, generator=generator)
+    _, nll = elbo_terms(model_fn, x0, mask_id, n_t=n_t, maskable=maskable, generator=generator)
     return nll.mean().item()
 
 
