@@ -159,7 +159,7 @@ def ngram_weights(ids, max_order=6, min_count=5):
         else:
             prev = prefix_keys[:n]
             keys = prev * np.uint64(50257) + last if order <= 4 else _mix(prev ^ _mix(last + np.uint64(order)))
-        uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
         keep = counts >= min_count
         c_occ = counts[inverse]                        # count of the i-gram at each position
         kept = keep[inverse]
@@ -171,7 +171,7 @@ def ngram_weights(ids, max_order=6, min_count=5):
             H.append(float(-(p * np.log(p)).sum()))
         else:
             # c(prefix) over kept i-grams: group kept positions by their prefix key
-            puniq, pinv = np.unique(prev[kept], return_inverse=True)
+            _, pinv = np.unique(prev[kept], return_inverse=True)
             pc = np.bincount(pinv, weights=np.ones(len(pinv)))   # occurrences of each prefix among kept
             H.append(float(-np.mean(np.log(c_occ[kept] / pc[pinv]))))
         prefix_keys = keys
@@ -210,7 +210,7 @@ def mc_parity(n, k, t0, t1, draws=400_000, seed=0):
     """Monte Carlo of the regime split: the signal fraction (-> P_S, Thm 4.3) and the
     |M|/(2t) weights of Thm 4.3/4.5, overall and on signal draws; each (mean, se)."""
     rng = np.random.default_rng(seed)
-    x, m, t, S_prime = sample_masks(n, k, t0, t1, draws, rng)
+    _, m, t, S_prime = sample_masks(n, k, t0, t1, draws, rng)
     signal = m[:, S_prime].sum(1) == 1
     w = m.sum(1) / (2 * t)
     return dict(signal=mc_mean(signal), weight=mc_mean(w), weight_signal=mc_mean(w * signal))

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import masking
 import parity
 import theory
-from conftest import ROOT
 
 
 def small(**kw):

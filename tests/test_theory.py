@@ -3,9 +3,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 import theory
-from conftest import SHARED_DATA
 
 
 def quad(f, a, b, n=200_001):
@@ -62,7 +62,7 @@ def test_best_t1_is_the_grid_argmax(k):
 def test_point_optimum_maximises_integrand():
     for k in range(1, 9):
         t = theory.signal_optimal_point(k)
-        f = lambda s: s * (1 - s) ** k
+        f = lambda s, k=k: s * (1 - s) ** k
         assert f(t) > f(t - 1e-3) and f(t) > f(t + 1e-3)
 
 

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SHARED_DATA
 
 import common
 import wikitext
-from conftest import ROOT, SHARED_DATA
 
 WT2 = os.path.join(SHARED_DATA, "wikitext-2")
 RANKS = os.path.join(SHARED_DATA, "gpt2-tokenizer", "gpt2.tiktoken")
