@@ -82,7 +82,7 @@ class ParityConfig:
 PRESETS = {
     # F.1's reduced model (hidden 2560, lr 1e-3, squared loss) with N = 10000 in batches of
     # 3000: on (20, 6) the smallest N we found where MD reaches 95% validation without
-    # memorising first, in about a minute of CPU (README "Parity").
+    # memorising first, in about 90 s of a 2-core CPU (README "Parity").
     "mlp": dict(model="mlp"),
     # the same model at N = 3000, full batch: label-only memorises at once (Fig. 2's blue curve)
     "mlp-n3000": dict(model="mlp", n_train=3000, batch_size=0),
