@@ -42,6 +42,19 @@ def test_md_loss_floors_t():
     assert got == pytest.approx(math.log(2) / masking.EPS / 2, rel=1e-6)
 
 
+def test_md_loss_uses_the_given_ce_and_token_ce_is_fp32():
+    # with CE = 1 per masked token the loss is mean_b |M_b| / (t_b L): the 1/t weights alone
+    masked = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    x0, t = torch.zeros(2, 4, dtype=torch.long), torch.tensor([0.5, 0.25])
+    loss = masking.md_loss(torch.zeros(4, 3), x0, masked, t, ce_fn=lambda logits, y: torch.ones(len(y)))
+    assert loss.item() == pytest.approx(((3 / (0.5 * 4)) + (1 / (0.25 * 4))) / 2)
+    logits = torch.randn(5, 7).to(torch.bfloat16)
+    y = torch.arange(5)
+    ce = masking.token_ce(logits, y)
+    assert ce.dtype == torch.float32
+    assert torch.allclose(ce, -torch.log_softmax(logits.float(), -1)[torch.arange(5), y])
+
+
 def test_md_mse_loss_hand_computation():
     pred = torch.tensor([[0.5, -1.0, 0.0], [1.0, 1.0, -0.5]])
     x0 = torch.tensor([[1, -1, 1], [-1, 1, 1]])
