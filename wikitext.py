@@ -122,8 +122,9 @@ def load_tokens(cfg, split, enc):
         text = local_split(cfg.data, split) if cfg.data else hub_split(cfg.dataset, split)
         ids = encode_split(text, enc)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        ids.tofile(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        tmp = f"{path}.{os.getpid()}.tmp"   # one per process: under torchrun every rank may write the cache
+        ids.tofile(tmp)
+        os.replace(tmp, path)
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 

@@ -176,12 +176,12 @@ def test_bad_input_is_one_line_error(args, msg):
 
 @needs_data
 def test_ddp_under_torchrun_on_cpu(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, "wikitext.py"), "--preset", "tiny", "--device", "cpu", "--data", WT2,
                         "--train-split", "valid", "--tokenizer-file", RANKS, "--cache-dir", str(tmp_path / "c"),
                         "--out-dir", str(tmp_path / "run"), "--max-steps", "4", "--batch-size", "16",
                         "--eval-every", "4"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[-8000:]
     assert r.stdout.count("wrote") == 1                          # rank 0 alone reports and saves
     s = json.load(open(tmp_path / "run" / "summary.json"))
     assert s["steps"] == 4 and math.isfinite(s["test_loss"])
