@@ -469,10 +469,12 @@ def plot_sweep(results, out_dir):
 
 # ----------------------------------------------------------------------------- benchmark
 
-def benchmark(cfg, device, compile_model, steps=20, warmup=5):
+def benchmark(cfg, device, compile_model, steps=20, warmup=5, profile=False):
     """Time training steps of the preset's micro-batch on random tokens (no data needed), with the
-    output head on masked positions only and on every position; report tokens/s and MFU."""
+    output head on masked positions only and on every position; report tokens/s, MFU and, on
+    CUDA, peak memory. profile: then print torch.profiler's top operators over 3 more steps."""
     peak = model_lib.device_peak_flops(device)
+    cuda = device.startswith("cuda")
     results = {}
     for masked_head in (True, False):
         model = model_lib.Transformer(model_lib.get_config(cfg.model)).to(device)
@@ -482,12 +484,8 @@ def benchmark(cfg, device, compile_model, steps=20, warmup=5):
         opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
         ce_fn = loss_ce(compile_model)
         g = torch.Generator(device).manual_seed(0)
-        frac = 0.0
-        for i in range(warmup + steps):
-            if i == warmup:
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t_start = time.time()
+
+        def train_step():
             x0 = torch.randint(0, 50257, (cfg.micro_batch, cfg.block_size), generator=g, device=device)
             t = masking.sample_t(cfg.micro_batch, cfg.t0, cfg.t1, stratified=True, generator=g, device=device)
             xt, masked = masking.mask_tokens(x0, t, model.cfg.mask_id, generator=g)
@@ -496,24 +494,46 @@ def benchmark(cfg, device, compile_model, steps=20, warmup=5):
             masking.md_loss(logits, x0, masked, t, ce_fn=ce_fn).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            frac += masked.float().mean().item() / (warmup + steps)
-        if device.startswith("cuda"):
+            return masked.float().mean()
+
+        for _ in range(warmup):
+            train_step()
+        if cuda:
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        t_start = time.time()
+        frac = torch.stack([train_step() for _ in range(steps)]).mean().item()
         tok_s = steps * cfg.micro_batch * cfg.block_size / (time.time() - t_start)
         flops = model.flops_per_token(cfg.block_size, frac if masked_head else 1.0)
-        results["masked_head" if masked_head else "full_head"] = dict(
-            tokens_per_sec=tok_s, mfu=model_lib.estimate_mfu(flops, tok_s, peak),
-            seconds_per_step_of_full_batch=cfg.batch_size * cfg.block_size / tok_s)
-        mfu = results["masked_head" if masked_head else "full_head"]["mfu"]
+        name = "masked_head" if masked_head else "full_head"
+        results[name] = dict(tokens_per_sec=tok_s, mfu=model_lib.estimate_mfu(flops, tok_s, peak),
+                             seconds_per_step_of_full_batch=cfg.batch_size * cfg.block_size / tok_s,
+                             peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
+        mfu, mem = results[name]["mfu"], results[name]["peak_memory_gib"]
         print(f"{'masked-only head' if masked_head else 'full head       '}: {tok_s:,.0f} tok/s"
-              + (f", MFU {100 * mfu:.1f}%" if mfu else "") + f", {cfg.batch_size}x{cfg.block_size} step "
-              f"{cfg.batch_size * cfg.block_size / tok_s:.2f}s -> {cfg.max_steps} steps "
-              f"{cfg.max_steps * cfg.batch_size * cfg.block_size / tok_s / 60:.1f} min", flush=True)
+              + (f", MFU {100 * mfu:.1f}%" if mfu else "") + (f", peak memory {mem:.1f} GiB" if mem else "")
+              + f", {cfg.batch_size}x{cfg.block_size} step {cfg.batch_size * cfg.block_size / tok_s:.2f}s -> "
+              f"{cfg.max_steps} steps {cfg.max_steps * cfg.batch_size * cfg.block_size / tok_s / 60:.1f} min", flush=True)
+        if profile and masked_head:
+            print_profile(train_step, cuda)
     gain = results["masked_head"]["tokens_per_sec"] / results["full_head"]["tokens_per_sec"]
     print(f"masked-only head speed-up at t ~ U[{cfg.t0:g}, {cfg.t1:g}]: {gain:.2f}x")
-    return dict(device=torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-                model=cfg.model, micro_batch=cfg.micro_batch, block_size=cfg.block_size, compile=compile_model,
+    return dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", model=cfg.model,
+                micro_batch=cfg.micro_batch, block_size=cfg.block_size, compile=compile_model,
                 t0=cfg.t0, t1=cfg.t1, speedup=gain, **results)
+
+
+def print_profile(train_step, cuda, n_steps=3):
+    """Where a step's time goes: torch.profiler's top operators by (device) time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n_steps):
+            train_step()
+        if cuda:
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=15,
+                                    max_name_column_width=60))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -534,6 +554,7 @@ def parse_args(argv):
     p.add_argument("--window", type=float, default=0.1, help="width of the --interval auto window (%(default)s)")
     p.add_argument("--benchmark", action="store_true", help="time training steps; report tokens/s and MFU")
     p.add_argument("--bench-steps", type=int, default=20, help="timed steps per benchmark (%(default)s)")
+    p.add_argument("--profile", action="store_true", help="--benchmark: also print torch.profiler's top operators")
     return p.parse_args(argv)
 
 
@@ -567,7 +588,7 @@ def main(argv=None):
     masking.check_interval(cfg.t0, cfg.t1)
     device = common.pick_device(a.device)
     if a.benchmark:
-        out = benchmark(cfg, device, a.compile, steps=a.bench_steps)
+        out = benchmark(cfg, device, a.compile, steps=a.bench_steps, profile=a.profile)
         if not a.dry_run:
             os.makedirs(a.out_dir, exist_ok=True)
             common.write_json(os.path.join(a.out_dir, "benchmark.json"), out)

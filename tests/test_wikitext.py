@@ -185,3 +185,12 @@ def test_ddp_under_torchrun_on_cpu(tmp_path):
     assert r.stdout.count("wrote") == 1                          # rank 0 alone reports and saves
     s = json.load(open(tmp_path / "run" / "summary.json"))
     assert s["steps"] == 4 and math.isfinite(s["test_loss"])
+
+
+def test_benchmark_reports_both_heads_and_profiles(capsys):
+    cfg = wikitext.WikiConfig(**{**wikitext.PRESETS["tiny"], "t0": 0.0, "t1": 0.1})
+    out = wikitext.benchmark(cfg, "cpu", False, steps=2, warmup=1, profile=True)
+    heads = out["masked_head"], out["full_head"]
+    assert all(h["tokens_per_sec"] > 0 and h["mfu"] is None and h["peak_memory_gib"] is None for h in heads)
+    assert out["speedup"] == pytest.approx(heads[0]["tokens_per_sec"] / heads[1]["tokens_per_sec"])
+    assert "aten::mm" in capsys.readouterr().out                   # the profiler table was printed
