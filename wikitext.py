@@ -15,6 +15,7 @@ compare exactly (§5). Data: GPT-2 BPE (tiktoken) cached once as uint16 memmaps.
 """
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -484,25 +485,14 @@ def benchmark(cfg, device, compile_model, steps=20, warmup=5, profile=False):
         opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
         ce_fn = loss_ce(compile_model)
         g = torch.Generator(device).manual_seed(0)
-
-        def train_step():
-            x0 = torch.randint(0, 50257, (cfg.micro_batch, cfg.block_size), generator=g, device=device)
-            t = masking.sample_t(cfg.micro_batch, cfg.t0, cfg.t1, stratified=True, generator=g, device=device)
-            xt, masked = masking.mask_tokens(x0, t, model.cfg.mask_id, generator=g)
-            with autocast(device):
-                logits = model(xt, output_mask=masked if masked_head else None)
-            masking.md_loss(logits, x0, masked, t, ce_fn=ce_fn).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return masked.float().mean()
-
+        step = functools.partial(bench_step, model, opt, ce_fn, cfg, device, g, masked_head)
         for _ in range(warmup):
-            train_step()
+            step()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
         t_start = time.time()
-        frac = torch.stack([train_step() for _ in range(steps)]).mean().item()
+        frac = torch.stack([step() for _ in range(steps)]).mean().item()
         tok_s = steps * cfg.micro_batch * cfg.block_size / (time.time() - t_start)
         flops = model.flops_per_token(cfg.block_size, frac if masked_head else 1.0)
         name = "masked_head" if masked_head else "full_head"
@@ -515,7 +505,7 @@ def benchmark(cfg, device, compile_model, steps=20, warmup=5, profile=False):
               + f", {cfg.batch_size}x{cfg.block_size} step {cfg.batch_size * cfg.block_size / tok_s:.2f}s -> "
               f"{cfg.max_steps} steps {cfg.max_steps * cfg.batch_size * cfg.block_size / tok_s / 60:.1f} min", flush=True)
         if profile and masked_head:
-            print_profile(train_step, cuda)
+            print_profile(step, cuda)
     gain = results["masked_head"]["tokens_per_sec"] / results["full_head"]["tokens_per_sec"]
     print(f"masked-only head speed-up at t ~ U[{cfg.t0:g}, {cfg.t1:g}]: {gain:.2f}x")
     return dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", model=cfg.model,
@@ -523,13 +513,26 @@ def benchmark(cfg, device, compile_model, steps=20, warmup=5, profile=False):
                 t0=cfg.t0, t1=cfg.t1, speedup=gain, **results)
 
 
-def print_profile(train_step, cuda, n_steps=3):
+def bench_step(model, opt, ce_fn, cfg, device, g, masked_head):
+    """One training step on random tokens; returns the fraction of positions masked."""
+    x0 = torch.randint(0, 50257, (cfg.micro_batch, cfg.block_size), generator=g, device=device)
+    t = masking.sample_t(cfg.micro_batch, cfg.t0, cfg.t1, stratified=True, generator=g, device=device)
+    xt, masked = masking.mask_tokens(x0, t, model.cfg.mask_id, generator=g)
+    with autocast(device):
+        logits = model(xt, output_mask=masked if masked_head else None)
+    masking.md_loss(logits, x0, masked, t, ce_fn=ce_fn).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return masked.float().mean()
+
+
+def print_profile(step, cuda, n_steps=3):
     """Where a step's time goes: torch.profiler's top operators by (device) time."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(n_steps):
-            train_step()
+            step()
         if cuda:
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=15,
