@@ -224,6 +224,16 @@ def loss_ce(compile_model):
     return torch.compile(masking.token_ce, dynamic=True) if compile_model else masking.token_ce
 
 
+def md_micro_loss(model, x0, mask_id, cfg, generator, device, ce_fn, masked_head=True):
+    """One draw of the MD objective on a micro-batch: t ~ U[t0, t1] (stratified), the masks, the loss.
+    Returns (loss, masked)."""
+    t = masking.sample_t(len(x0), cfg.t0, cfg.t1, stratified=True, generator=generator, device=device)
+    xt, masked = masking.mask_tokens(x0, t, mask_id, generator=generator)
+    with autocast(device):
+        logits = model(xt, output_mask=masked if masked_head else None)
+    return masking.md_loss(logits, x0, masked, t, ce_fn=ce_fn), masked
+
+
 def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_run=False, quiet=False):
     """One run: writes out_dir/{ckpt.pt, history.json, summary.json}; returns the summary."""
     rank, world, device = setup_distributed(device)
@@ -273,13 +283,11 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
         masked_frac = torch.zeros((), device=device)
         for micro in range(accum):
             x0 = get_batch(train_tokens, cfg.micro_batch, cfg.block_size, data_gen).to(device)
-            t = masking.sample_t(cfg.micro_batch, cfg.t0, cfg.t1, stratified=True, generator=mask_gen, device=device)
-            xt, masked = masking.mask_tokens(x0, t, model.cfg.mask_id, generator=mask_gen)
             if world > 1:
                 ddp_model.require_backward_grad_sync = micro == accum - 1
-            with autocast(device):
-                logits = ddp_model(xt, output_mask=masked if cfg.masked_head else None)
-            loss = masking.md_loss(logits, x0, masked, t, ce_fn=ce_fn) / accum
+            loss, masked = md_micro_loss(ddp_model, x0, model.cfg.mask_id, cfg, mask_gen, device, ce_fn,
+                                         cfg.masked_head)
+            loss = loss / accum
             loss.backward()
             loss_sum += loss.detach()
             masked_frac += masked.float().mean() / accum
@@ -516,11 +524,8 @@ def benchmark(cfg, device, compile_model, steps=20, warmup=5, profile=False):
 def bench_step(model, opt, ce_fn, cfg, device, g, masked_head):
     """One training step on random tokens; returns the fraction of positions masked."""
     x0 = torch.randint(0, 50257, (cfg.micro_batch, cfg.block_size), generator=g, device=device)
-    t = masking.sample_t(cfg.micro_batch, cfg.t0, cfg.t1, stratified=True, generator=g, device=device)
-    xt, masked = masking.mask_tokens(x0, t, model.cfg.mask_id, generator=g)
-    with autocast(device):
-        logits = model(xt, output_mask=masked if masked_head else None)
-    masking.md_loss(logits, x0, masked, t, ce_fn=ce_fn).backward()
+    loss, masked = md_micro_loss(model, x0, model.cfg.mask_id, cfg, g, device, ce_fn, masked_head)
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return masked.float().mean()
