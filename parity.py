@@ -542,7 +542,7 @@ def parse_args(argv=None):
     p.add_argument("--intervals", type=float, nargs="+", default=[0.1, 0.2, 0.246, 0.3, 0.4, 1.0],
                    help="--compare: upper ends t1 of U[0, t1] (%(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                   help="--compare: seeds (%(default)s: about 13 minutes on 2 cores; the README table uses 0 1 2)")
+                   help="--compare: seeds (%(default)s: about 25 minutes on 2 cores; the README table uses 0 1 2)")
     p.add_argument("--jobs", type=int, default=2, help="--compare: runs in parallel, 1 CPU thread each (%(default)s)")
     p.add_argument("--label-steps", type=int, default=None,
                    help="--compare: max steps of the label runs (default: --max-steps)")
