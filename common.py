@@ -72,6 +72,55 @@ def atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
+def load_checkpoint(path):
+    """torch.load a checkpoint to the CPU (RNG states must stay CPU tensors). A truncated or
+    corrupt file is the user's to fix, so it is a one-line error naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:          # zip reader, unpickler, EOF: all mean the same to the user
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: truncated or corrupt); "
+                         f"delete it, or start without --resume") from None
+
+
+def restore(module, state, path):
+    """module.load_state_dict(state), with a checkpoint from another configuration as a one-line error."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160]
+        raise ValueError(f"checkpoint {path} does not fit this run's settings ({first}); "
+                         f"use the settings it was written with, or another --out-dir") from None
+
+
+def prepare_out_dir(path):
+    """Create --out-dir now and prove it writable, so that a path that is a file, or lies under
+    one, or cannot be written, is a one-line error before any work starts."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out-dir {path} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out-dir {path} cannot be written ({e.strerror or type(e).__name__})") from None
+    return path
+
+
+def read_text(path, what):
+    """The UTF-8 text of a user-given file; missing, unreadable or binary is one line naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be read ({e.strerror or type(e).__name__})") from None
+
+
 def write_json(path, obj):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -125,8 +174,28 @@ def gpt2_tokenizer(tokenizer_file=None):
     from tiktoken_ext.openai_public import r50k_pat_str
     if not os.path.exists(tokenizer_file):
         raise FileNotFoundError(f"tokenizer file {tokenizer_file} does not exist")
-    ranks = load_tiktoken_bpe(tokenizer_file)
+    try:
+        ranks = load_tiktoken_bpe(tokenizer_file)
+    except Exception as e:           # a folder, a binary, another format: the user's file
+        raise ValueError(f"{tokenizer_file} is not a tiktoken rank file ({type(e).__name__})") from None
     if len(ranks) != 50256:
         raise ValueError(f"{tokenizer_file} has {len(ranks)} ranks; GPT-2's rank file has 50256")
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256})
+
+
+WIKITEXT_HUB_NAMES = {"wikitext-103": "wikitext-103-raw-v1", "wikitext-2": "wikitext-2-raw-v1"}
+
+
+def wikitext_hub_text(dataset, split):
+    """Raw text of a Hub WikiText split (wikitext-103, wikitext-2 or a full config name such as
+    wikitext-103-raw-v1); needs internet once, then `datasets` caches it."""
+    from datasets import load_dataset
+    name = WIKITEXT_HUB_NAMES.get(dataset, dataset)
+    split = {"valid": "validation"}.get(split, split)
+    try:
+        rows = load_dataset("wikitext", name, split=split)
+    except Exception as e:
+        raise ValueError(f"could not load wikitext/{name} [{split}] from the Hub ({type(e).__name__}); "
+                         f"offline, pass local raw files instead") from None
+    return "".join(rows["text"])

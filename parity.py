@@ -62,6 +62,7 @@ class ParityConfig:
     n_head: int = 4
     mlp_hidden: int = 512
     embed: str = "additive"        # "additive" (nanoGPT: wte + wpe) | "joint" (Def. 3.5: one id per (value, position))
+    tie_head: bool = True          # nanoGPT ties the output head to the token embedding
     loss: str = "auto"             # "ce" | "mse" | "auto" (mse for the mlp, as F.1; ce for the transformer, as §4.5)
     # optimisation
     batch_size: int = 3000         # 0 = full batch
@@ -70,6 +71,7 @@ class ParityConfig:
     warmup: int = 0
     weight_decay: float = 0.0
     beta2: float = 0.999
+    grad_clip: float = 1.0         # clip the global gradient norm to this (0: never)
     max_steps: int = 4000
     eval_every: int = 100
     stop_acc: float = 0.99         # stop once train and val accuracy both reach this (> 1: never)
@@ -155,7 +157,7 @@ def build_model(cfg):
     vocab = 3 * n_pos if cfg.embed == "joint" else 3
     mc = model_lib.get_config("parity", vocab_size=vocab, mask_id=vocab - 1, block_size=n_pos,
                               n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head,
-                              mlp_hidden=cfg.mlp_hidden)
+                              mlp_hidden=cfg.mlp_hidden, tie_weights=cfg.tie_head)
     return model_lib.Transformer(mc)
 
 
@@ -280,9 +282,9 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
     step, train_seconds, history = 0, 0.0, []
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)   # RNG states must stay on the CPU
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        ck = common.load_checkpoint(ckpt_path)
+        common.restore(model, ck["model"], ckpt_path)
+        common.restore(opt, ck["opt"], ckpt_path)
         g.set_state(ck["gen"])
         step, train_seconds, history = ck["step"], ck["train_seconds"], ck["history"]
         if not quiet:
@@ -319,12 +321,12 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
                 piece = label_loss(predict(fwd, cfg, mask_label(xb)), cfg, xb[:, -1]) * len(xb) / B
             piece.backward()
             loss += piece.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
         opt.step()
         step += 1
         train_seconds += time.time() - t_start
         if step % cfg.eval_every == 0 or step == max_steps:
-            rec = dict(step=step, seconds=round(train_seconds, 2), loss=loss,
+            rec = dict(step=step, seconds=round(train_seconds, 2), loss=loss, grad_norm=grad_norm,
                        train_acc=accuracy(model, cfg, train_tok), val_acc=accuracy(model, cfg, val_tok))
             if cfg.objective == "md":
                 rec.update(regime_stats(*(torch.cat(p) for p in zip(*parts)), S_prime, cfg), P_S=P_S)
@@ -465,8 +467,8 @@ def _compare_job(job):
 
 def table(rows):
     """Median and range of steps/seconds to 95% validation per run over seeds (None: no seed got there)."""
-    def spread(values):
-        return (statistics.median(values), [min(values), max(values)]) if values else (None, None)
+    def spread(values):     # rounded: medians of seconds print as 22.185000000000002 otherwise
+        return (round(statistics.median(values), 2), [min(values), max(values)]) if values else (None, None)
     out = []
     for n in dict.fromkeys(r["run"] for r in rows):
         rs = [r for r in rows if r["run"] == n]
@@ -531,11 +533,13 @@ def parse_args(argv=None):
                  "secret_only": "diagnostic: supervise masked positions of S' only, never the noise bits",
                  "batch_size": "0 = full batch", "micro_batch": "rows per forward/backward, accumulated (0: all)",
                  "stop_acc": "stop once train and val reach this (>1: never)",
-                 "threads": "torch CPU threads (0 = default)"}
+                 "threads": "torch CPU threads (0 = default)",
+                 "tie_head": "transformer: output head tied to the token embedding",
+                 "grad_clip": "clip the gradient norm to this (0: never)"}
     for f in fields(ParityConfig):
         if f.name in ("t0", "t1", "seed", "max_steps"):
             continue
-        kind = dict(action="store_true") if isinstance(f.default, bool) else dict(type=type(f.default))
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
         p.add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
                        help=f"{flag_help.get(f.name, '')} (mlp preset: {PRESETS['mlp'].get(f.name, f.default)!r})")
     p.add_argument("--compare", action="store_true", help="Fig. 2/6: label and md over --intervals and --seeds")
@@ -564,15 +568,20 @@ def main(argv=None):
     cfg = config_from_args(a)
     check_config(cfg)
     device = common.pick_device(a.device)
+    if not a.dry_run:
+        common.prepare_out_dir(a.out_dir)
     if a.compare:
         for t1 in a.intervals:
             masking.check_interval(0.0, t1)
         summary, histories = compare(cfg, a.intervals, a.seeds, a.out_dir, device, a.jobs, a.label_steps)
         for r in summary["table"]:
             p_s = "  —  " if r["P_S"] is None else f"{r['P_S']:.3f}"
+            secs = "—" if r["seconds_median"] is None else \
+                f"{r['seconds_median']:.1f} [{r['seconds_range'][0]:.1f}–{r['seconds_range'][1]:.1f}]"
+            steps = "—" if r["steps_median"] is None else \
+                f"{r['steps_median']:g} [{r['steps_range'][0]}–{r['steps_range'][1]}]"
             print(f"{r['run']:>10}  P_S {p_s}  reached 95% in {r['reached']}/{r['seeds']} seeds  "
-                  f"steps median {r['steps_median']} range {r['steps_range']}  "
-                  f"seconds median {r['seconds_median']} range {r['seconds_range']}")
+                  f"steps to 95%: median {steps}  seconds: median {secs}")
         if a.plot:
             plot_compare(summary["runs"], histories, a.out_dir)
         print(f"wrote {a.out_dir}/summary.json, results.csv" + (", fig2_accuracy.png, fig6_label.png, "

@@ -435,14 +435,11 @@ def make_plots(out_dir, n, k, delta, corpus_weights=None, energies=None):
 
 def corpus_token_ids(corpus, tokenizer_file):
     """Token ids of a local raw-text file, or of a Hugging Face dataset's train split."""
-    enc = common.gpt2_tokenizer(tokenizer_file)
-    if os.path.exists(corpus):
-        with open(corpus, encoding="utf-8") as f:
-            return enc.encode_ordinary(f.read())
-    if corpus.startswith((".", "/")) or corpus.endswith((".raw", ".txt")):
-        raise FileNotFoundError(f"corpus file {corpus} does not exist")
-    import wikitext
-    return wikitext.encode_split(wikitext.hub_split(corpus, "train"), enc)
+    if os.path.exists(corpus) or corpus.startswith((".", "/")) or corpus.endswith((".raw", ".txt")):
+        text = common.read_text(corpus, "--corpus")
+    else:
+        text = common.wikitext_hub_text(corpus, "train")
+    return common.gpt2_tokenizer(tokenizer_file).encode_ordinary(text)
 
 
 def main(argv=None):
@@ -466,6 +463,7 @@ def main(argv=None):
         raise ValueError(f"need k <= n, got n={a.n}, k={a.k}")
     check_interval(a.t0, a.t1)
     check_delta(a.delta)
+    common.prepare_out_dir(a.out_dir)
     corpus_weights = None
     if a.corpus:
         ids = corpus_token_ids(a.corpus, a.tokenizer_file)
@@ -484,7 +482,6 @@ def main(argv=None):
     print(line(("quantity", "ours", "paper", "Monte Carlo (mean ± s.e.) / check")))
     for r in rows:
         print(line(r))
-    os.makedirs(a.out_dir, exist_ok=True)
     common.write_json(os.path.join(a.out_dir, "summary.json"),
                       dict(settings=vars(a), corpus_weights=corpus_weights,
                            table=[dict(zip(("quantity", "ours", "paper", "check"), r)) for r in rows]))

@@ -32,9 +32,6 @@ import masking
 import model as model_lib
 import theory
 
-HUB_NAMES = {"wikitext-103": "wikitext-103-raw-v1", "wikitext-2": "wikitext-2-raw-v1"}
-
-
 @dataclass
 class WikiConfig:
     model: str = "wikitext-50m"       # a model.py preset
@@ -87,19 +84,6 @@ SWEEP = [(round(i / 10, 1), round((i + 1) / 10, 1)) for i in range(10)] + [(0.0,
 
 # ----------------------------------------------------------------------------- data
 
-def hub_split(dataset, split):
-    """Raw text of a Hub WikiText split (needs internet once; `datasets` caches it)."""
-    from datasets import load_dataset
-    name = HUB_NAMES.get(dataset, dataset)
-    split = {"valid": "validation"}.get(split, split)
-    try:
-        rows = load_dataset("wikitext", name, split=split)
-    except Exception as e:
-        raise ValueError(f"could not load wikitext/{name} [{split}] from the Hub ({type(e).__name__}); "
-                         f"offline, pass --data with local raw files") from None
-    return "".join(rows["text"])
-
-
 def local_split(folder, split):
     """Raw text of the one file in `folder` whose name contains `split` (wiki.test.raw, test.txt, ...)."""
     if not os.path.isdir(folder):
@@ -107,8 +91,7 @@ def local_split(folder, split):
     names = [f for f in sorted(os.listdir(folder)) if split in f and f.endswith((".raw", ".txt"))]
     if not names:
         raise FileNotFoundError(f"no *{split}*.raw or *{split}*.txt file in {folder}")
-    with open(os.path.join(folder, names[0]), encoding="utf-8") as f:
-        return f.read()
+    return common.read_text(os.path.join(folder, names[0]), "--data file")
 
 
 def encode_split(text, enc):
@@ -120,12 +103,17 @@ def load_tokens(cfg, split, enc):
     source = os.path.basename(os.path.normpath(cfg.data)) if cfg.data else cfg.dataset
     path = os.path.join(cfg.cache_dir, source, f"{split}.bin")
     if not os.path.exists(path):
-        text = local_split(cfg.data, split) if cfg.data else hub_split(cfg.dataset, split)
+        text = local_split(cfg.data, split) if cfg.data else common.wikitext_hub_text(cfg.dataset, split)
         ids = encode_split(text, enc)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if len(ids) == 0:
+            raise ValueError(f"the {split} split of {cfg.data or cfg.dataset} holds no text")
         tmp = f"{path}.{os.getpid()}.tmp"   # one per process: under torchrun every rank may write the cache
-        ids.tofile(tmp)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            ids.tofile(tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise ValueError(f"--cache-dir {cfg.cache_dir} cannot be written ({e.strerror or type(e).__name__})") from None
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
@@ -239,12 +227,16 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
     rank, world, device = setup_distributed(device)
     master = rank == 0
     log = (lambda *a, **k: None) if quiet or not master else print
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    state = common.load_checkpoint(ckpt) if resume and os.path.exists(ckpt) else None   # read before any write
     common.set_seed(cfg.seed + rank)
     model, enc = build(cfg, device, compile_model)
     train_tokens = load_tokens(cfg, cfg.train_split, enc)
     test_seqs = eval_sequences(load_tokens(cfg, cfg.eval_split, enc), cfg)
     if len(train_tokens) <= cfg.block_size:
         raise ValueError(f"the {cfg.train_split} split has only {len(train_tokens)} tokens")
+    if len(test_seqs) == 0:
+        raise ValueError(f"the {cfg.eval_split} split has fewer than {cfg.block_size} tokens")
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
     ce_fn = loss_ce(compile_model)
     ddp_model = model
@@ -256,11 +248,10 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
         raise ValueError(f"batch {cfg.batch_size} < micro-batch {cfg.micro_batch} x {world} processes")
     data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)           # batches
     mask_gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank + 1)  # t and masks
-    step, history, ckpt = 0, [], os.path.join(out_dir, "ckpt.pt")
-    if resume and os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)    # RNG states must stay on the CPU
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+    step, history = 0, []
+    if state is not None:
+        common.restore(model, state["model"], ckpt)
+        common.restore(opt, state["opt"], ckpt)
         data_gen.set_state(state["data_gen"])
         mask_gen.set_state(state["mask_gen"])
         common.set_rng_state(state["rng"])
@@ -596,15 +587,17 @@ def main(argv=None):
     masking.check_interval(cfg.t0, cfg.t1)
     device = common.pick_device(a.device)
     if a.benchmark:
+        if not a.dry_run:
+            common.prepare_out_dir(a.out_dir)
         out = benchmark(cfg, device, a.compile, steps=a.bench_steps, profile=a.profile)
         if not a.dry_run:
-            os.makedirs(a.out_dir, exist_ok=True)
             common.write_json(os.path.join(a.out_dir, "benchmark.json"), out)
         return
     if a.interval == "auto":
         cfg = replace(cfg, **dict(zip(("t0", "t1"), auto_interval(cfg, a.window))))
     if a.sweep:
         intervals = parse_intervals(a.intervals) if a.intervals else SWEEP
+        common.prepare_out_dir(a.out_dir)
         results = sweep(cfg, intervals, a.out_dir, device, a.compile, argv)
         for r in results["runs"]:
             print(f"U[{r['t0']:g}, {r['t1']:g}]  test loss {r['test_loss']:.4f}  "
@@ -614,6 +607,8 @@ def main(argv=None):
         print(f"wrote {a.out_dir}/sweep.json, sweep.csv" + (", fig3_loss_vs_interval.png, fig7_loss_vs_step.png, "
                                                              "loss_per_t_bin.png" if a.plot else ""))
         return
+    if not a.dry_run:
+        common.prepare_out_dir(a.out_dir)
     summary, _ = train(cfg, a.out_dir, device=device, resume=a.resume, compile_model=a.compile, dry_run=a.dry_run)
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -145,3 +145,11 @@ def test_bad_arguments_are_one_line_errors(args, msg):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "parity.py"), *args], capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:") and msg in r.stderr
+
+
+def test_table_rounds_medians():
+    rows = [dict(run="md", seed=s, P_S=0.3, steps=100, steps_to_95=100 + s, seconds_to_95=sec, steps_to_train_99=None)
+            for s, sec in enumerate((22.18, 22.19))]
+    t = parity.table(rows)[0]
+    assert t["seconds_median"] == 22.19 and str(t["seconds_median"]) == "22.19"
+    assert t["steps_median"] == 100.5 and t["steps_range"] == [100, 101] and t["reached"] == 2
