@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 
-def add_common_args(p, *, presets, preset, t0=0.0, t1=1.0, max_steps=None, out_dir="out"):
+def add_common_args(p, *, presets, preset, t0=0.0, t1=1.0, max_steps=None, out_dir="out",
+                    resume_help="continue from OUT_DIR/ckpt.pt",
+                    dry_run_help="build everything, run 2 steps, write nothing"):
     """The flags every script shares: --preset --t0 --t1 --seed --device --max-steps
     --out-dir --resume --compile --dry-run --plot."""
     p.add_argument("--preset", default=preset, choices=sorted(presets), help="named group of settings (%(default)s)")
@@ -26,9 +28,9 @@ def add_common_args(p, *, presets, preset, t0=0.0, t1=1.0, max_steps=None, out_d
     p.add_argument("--max-steps", type=int, default=max_steps, help="training steps (default: the preset's)")
     p.add_argument("--out-dir", default=out_dir, help="everything the run writes, ending with summary.json "
                                                       "(%(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    p.add_argument("--resume", action="store_true", help=resume_help)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--dry-run", action="store_true", help="build everything, run 2 steps, write nothing")
+    p.add_argument("--dry-run", action="store_true", help=dry_run_help)
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write PNG plots")
     return p
 
@@ -151,11 +153,12 @@ def save_figure(fig, path):
 
 
 def run_cli(main):
-    """Run main(); a user error (bad flag value, missing file) is one line on stderr, no traceback."""
+    """Run main(); a user error (bad flag value, missing file) is one line on stderr, no traceback.
+    Under torchrun only rank 0 prints it; every rank exits with status 1."""
     try:
         main()
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if int(os.environ.get("RANK", "0")) == 0 else 1)
     except KeyboardInterrupt:
         sys.exit("interrupted")
 

@@ -30,9 +30,11 @@ def check_interval(t0, t1):
         raise ValueError(f"need t0 <= t1, got t0={t0} > t1={t1}")
 
 
-def check_mask_id(mask_id, tokenizer_vocab, model_vocab):
-    """The MASK token must be a new id: outside the tokenizer's real vocabulary, inside the model's."""
-    if 0 <= mask_id < tokenizer_vocab:
+def check_mask_id(mask_id, tokenizer_vocab, model_vocab, special=()):
+    """The MASK token must be inside the model's vocabulary and never come out of text: a new id
+    past the tokenizer's, or one of its special tokens (`special`: ids text cannot encode to,
+    as LLaDA's <|mdm_mask|> = 126336)."""
+    if 0 <= mask_id < tokenizer_vocab and mask_id not in special:
         raise ValueError(f"mask id {mask_id} is a real token of the tokenizer (vocab {tokenizer_vocab}); "
                          f"pick an id >= {tokenizer_vocab}")
     if not 0 <= mask_id < model_vocab:

@@ -37,6 +37,7 @@ class ModelConfig:
     bias: bool = True
     tie_weights: bool = True      # share the input embedding with the output head
     dropout: float = 0.0
+    init_std: float = 0.02        # GPT-2's init scale
     grad_checkpoint: bool = False  # recompute each block in backward: memory for compute
 
     def __post_init__(self):
@@ -65,6 +66,11 @@ PRESETS = {
     "llada-8b": ModelConfig(vocab_size=126464, mask_id=126336, block_size=4096, n_layer=32, n_head=32,
                             d_model=4096, mlp_hidden=12288, norm="rmsnorm", mlp="swiglu", pos="rope",
                             rope_theta=500000.0, bias=False, tie_weights=False),
+    # LLaDA's architecture and tokenizer at 0.47 B parameters (0.26 B of them the 126k-token embedding
+    # and head): pretrain_8b.py --preset llada-proxy runs Fig. 4's comparison on one GPU
+    "llada-proxy": ModelConfig(vocab_size=126464, mask_id=126336, block_size=2048, n_layer=16, n_head=16,
+                               d_model=1024, mlp_hidden=2816, norm="rmsnorm", mlp="swiglu", pos="rope",
+                               rope_theta=500000.0, bias=False, tie_weights=False),
 }
 
 
@@ -161,17 +167,27 @@ class Transformer(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self):
-        """GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layer)."""
-        for name, p in self.named_parameters():
+    def init_weights(self, seed=None):
+        """GPT-2 init: N(0, init_std = 0.02); residual projections scaled by 1/sqrt(2 * n_layer).
+
+        seed=None draws from the global RNG. With a seed, every parameter is drawn whole
+        from its own generator (seed, index) and then cut to this rank's FSDP shard, so a
+        model built on `meta` and sharded over any number of GPUs gets the same weights
+        as an unsharded one; only one parameter is ever held whole (DTensor's own random
+        ops give world-size-dependent values on CPU meshes)."""
+        for i, (name, p) in enumerate(self.named_parameters()):
+            g = None if seed is None else torch.Generator(p.device).manual_seed(seed * 100_003 + i)
+            full = p if seed is None else torch.empty(p.shape, dtype=p.dtype, device=p.device)
             if name.endswith(("attn_out.weight", "ff_out.weight")) and ".blocks." in name:
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+                nn.init.normal_(full, std=self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer), generator=g)
             elif p.dim() >= 2:
-                nn.init.normal_(p, std=0.02)
+                nn.init.normal_(full, std=self.cfg.init_std, generator=g)
             elif name.endswith("bias"):
-                nn.init.zeros_(p)
+                nn.init.zeros_(full)
             else:
-                nn.init.ones_(p)                                     # norm scales
+                nn.init.ones_(full)                                  # norm scales
+            if seed is not None:
+                p.copy_(shard_like(full, p))
 
     def forward(self, idx, output_mask=None):
         """idx (B, L) token ids -> logits (B, L, V).
@@ -240,6 +256,14 @@ def device_peak_flops(device):
 def estimate_mfu(flops_per_token, tokens_per_sec, peak_flops):
     """Model FLOPs utilisation: achieved training FLOP/s over the card's peak (None without a peak)."""
     return None if not peak_flops else flops_per_token * tokens_per_sec / peak_flops
+
+
+def shard_like(full, p):
+    """`full` cut the way the (possibly FSDP-sharded DTensor) parameter p is, without communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(p, DTensor):
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+    return full
 
 
 def apply_fsdp(model, mixed_precision=True):
@@ -311,18 +335,23 @@ def load_safetensors(model, path_or_id):
     return model
 
 
-def save_safetensors(model, folder, max_shard_bytes=5 * 2**30):
-    """Write `model` as LLaDA's checkpoints are laid out: "model."-prefixed keys in
-    model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json."""
+def save_safetensors(model, folder, max_shard_bytes=5 * 2**30, dtype=None):
+    """Write `model` (a module or a full state dict) as LLaDA's checkpoints are laid out:
+    "model."-prefixed keys in model-0000i-of-0000n.safetensors shards plus
+    model.safetensors.index.json. dtype: cast floating tensors (LLaDA ships bfloat16)."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
+    state = model.state_dict() if isinstance(model, nn.Module) else model
     shards, current, size = [], {}, 0
-    for k, v in model.state_dict().items():
+    for k, v in state.items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
         nbytes = v.numel() * v.element_size()
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0
-        current["model." + k] = v.detach().cpu().clone().contiguous()   # clone: tied tensors saved twice
+        current["model." + k] = v.clone().contiguous()   # clone: tied tensors saved twice
         size += nbytes
     shards.append(current)
     weight_map, total = {}, 0
@@ -333,6 +362,39 @@ def save_safetensors(model, folder, max_shard_bytes=5 * 2**30):
         total += sum(v.numel() * v.element_size() for v in shard.values())
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# LLaDA's config.json names (an OLMo-style config) for our fields; what it does not name is ours.
+LLADA_JSON_NAMES = {"vocab_size": "vocab_size", "mask_id": "mask_token_id", "block_size": "max_sequence_length",
+                    "n_layer": "n_layers", "n_head": "n_heads", "d_model": "d_model",
+                    "mlp_hidden": "mlp_hidden_size", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
+                    "bias": "include_bias", "tie_weights": "weight_tying"}
+
+
+def config_to_json(cfg, **token_ids):
+    """config.json for an exported folder, in LLaDA's key names (so the same reader takes
+    GSAI-ML/LLaDA-8B-Base's own config.json) plus token ids such as eos_token_id."""
+    out = {"model_type": "llada", "architectures": ["LLaDAModelLM"], "embedding_size": cfg.vocab_size,
+           "layer_norm_type": "rms" if cfg.norm == "rmsnorm" else "default",
+           "activation_type": "silu" if cfg.mlp == "swiglu" else "gelu", "rope": cfg.pos == "rope",
+           "block_type": "llama" if cfg.mlp == "swiglu" else "sequential", "n_kv_heads": cfg.n_head}
+    out.update({llada: getattr(cfg, ours) for ours, llada in LLADA_JSON_NAMES.items()})
+    return {**out, **token_ids}
+
+
+def config_from_json(d):
+    """ModelConfig from a config.json dict written by config_to_json or shipped with LLaDA."""
+    try:
+        if d.get("n_kv_heads", d["n_heads"]) != d["n_heads"]:
+            raise ValueError(f"grouped-query attention (n_kv_heads {d['n_kv_heads']}) is not supported")
+        values = {ours: d[llada] for ours, llada in LLADA_JSON_NAMES.items() if llada in d}
+        values["vocab_size"] = d.get("embedding_size") or d["vocab_size"]
+        values.update(norm="rmsnorm" if d.get("layer_norm_type", "rms") == "rms" else "layernorm",
+                      mlp="swiglu" if d.get("activation_type", "silu") == "silu" else "gelu",
+                      pos="rope" if d.get("rope", True) else "learned")
+        return ModelConfig(**values)
+    except KeyError as e:
+        raise ValueError(f"config.json lacks {e.args[0]!r}") from None
 
 
 # ---- LLaDA's reverse process (sampler) ------------------------------------------------

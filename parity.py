@@ -55,7 +55,7 @@ class ParityConfig:
     t1: float = 0.246
     # mlp
     hidden: int = 2560
-    init_std: float = 0.0          # std of W's entries; 0 = PyTorch's default, U(+-1/sqrt(3n'))
+    init_std: float = 0.0          # mlp: std of W (0: PyTorch's default); transformer: of every matrix (0: GPT-2's 0.02)
     # transformer
     n_layer: int = 2
     d_model: int = 128
@@ -157,7 +157,7 @@ def build_model(cfg):
     vocab = 3 * n_pos if cfg.embed == "joint" else 3
     mc = model_lib.get_config("parity", vocab_size=vocab, mask_id=vocab - 1, block_size=n_pos,
                               n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head,
-                              mlp_hidden=cfg.mlp_hidden, tie_weights=cfg.tie_head)
+                              mlp_hidden=cfg.mlp_hidden, tie_weights=cfg.tie_head, init_std=cfg.init_std or 0.02)
     return model_lib.Transformer(mc)
 
 
@@ -528,7 +528,7 @@ def parse_args(argv=None):
                  "hidden": "MLP hidden width D", "objective": "md | label", "model": "mlp | transformer",
                  "embed": "transformer embedding: additive (wte + wpe) | joint (one id per value and position, "
                           "Def. 3.5)", "loss": "auto | ce | mse (auto: mse for the mlp, ce for the transformer)",
-                 "init_std": "std of the MLP's W (0: PyTorch's default)",
+                 "init_std": "mlp: std of W (0: PyTorch's default); transformer: of its matrices (0: 0.02)",
                  "fresh": "a new sample every step (N = infinity)",
                  "secret_only": "diagnostic: supervise masked positions of S' only, never the noise bits",
                  "batch_size": "0 = full batch", "micro_batch": "rows per forward/backward, accumulated (0: all)",

@@ -102,6 +102,10 @@ def test_check_mask_id():
     with pytest.raises(ValueError, match="outside"):
         masking.check_mask_id(60000, tokenizer_vocab=50257, model_vocab=50304)
     masking.check_mask_id(50257, tokenizer_vocab=50257, model_vocab=50304)
+    # LLaDA: <|mdm_mask|> = 126336 is inside the tokenizer, as a special token text never encodes to
+    masking.check_mask_id(126336, tokenizer_vocab=126349, model_vocab=126464, special={126081, 126336})
+    with pytest.raises(ValueError, match="real token"):
+        masking.check_mask_id(126336, tokenizer_vocab=126349, model_vocab=126464, special={126081})
 
 
 def test_elbo_of_uniform_model_is_log_v():

@@ -1,0 +1,284 @@
+"""pretrain_8b.py at tiny scale on CPU: FSDP2 under torchrun (gloo), sharded checkpoints, the data
+slots, export, the plan, and one-line errors on every rank. Nothing is downloaded."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import ROOT
+
+import common
+import model as model_lib
+import pretrain_8b
+
+SCRIPT = os.path.join(ROOT, "pretrain_8b.py")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def corpus(path, n=600):
+    """Local text: one document per line, varied enough that a model has something to learn."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    lines = [" ".join(words[(i * 7 + j * (i % 5 + 1)) % len(words)] for j in range(8 + i % 9)) + f" {i}."
+             for i in range(n)]
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+def launch(args, nproc, timeout=240, check=True):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", SCRIPT]
+           if nproc > 1 else [sys.executable, SCRIPT])
+    r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+def losses(run_dir):
+    """step -> training loss from log.jsonl (the last record of a step wins: a resumed run re-logs)."""
+    out = {}
+    for line in open(os.path.join(run_dir, "log.jsonl")):
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def tiny_args(data, out, *extra):
+    return ["--preset", "tiny", "--device", "cpu", "--data", data, "--out-dir", str(out), "--max-steps", "16",
+            "--save-every", "8", "--eval-every", "8", "--random-length-prob", "0.25", "--no-plot", *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One two-process run and one one-process run of the same settings (global batch 8)."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    data = corpus(tmp / "corpus.txt")
+    launch(tiny_args(data, tmp / "two"), nproc=2)
+    launch(tiny_args(data, tmp / "one"), nproc=1)
+    return dict(tmp=tmp, data=data, two=str(tmp / "two"), one=str(tmp / "one"))
+
+
+def test_two_processes_learn_and_match_one_process(runs):
+    two, one = losses(runs["two"]), losses(runs["one"])
+    assert sorted(two) == list(range(1, 17))
+    assert all(math.isfinite(v) for v in two.values())
+    first, last = sum(two[s] for s in (1, 2, 3)) / 3, sum(two[s] for s in (14, 15, 16)) / 3
+    assert last < first - 1.0, two                          # it learns (uniform over 258 ids: 5.55)
+    # the same global batch, masks and initial weights at any world size: only the order of float
+    # sums differs (gloo's reduce-scatter), so the losses agree to 1e-4
+    assert max(abs(two[s] - one[s]) for s in two) < 1e-4, (two, one)
+    s2, s1 = (json.load(open(os.path.join(r, "summary.json"))) for r in (runs["two"], runs["one"]))
+    assert s2["steps"] == 16 and s2["world_size"] == 2 and s2["tokens"] == 16 * 8 * 32
+    assert abs(s2["test_loss"] - s1["test_loss"]) < 1e-4
+    assert [step for step, _ in s2["test_loss_curve"]] == [8, 16]
+
+
+def test_random_length_steps_have_one_length_on_every_rank(runs):
+    lengths = {}
+    for line in open(os.path.join(runs["two"], "log.jsonl")):
+        rec = json.loads(line)
+        if "seq_len" in rec:
+            lengths[rec["step"]] = rec["seq_len"]
+    # the loop all-reduces each step's length (max and min) and stops on a mismatch; some steps were cropped
+    assert any(v < 32 for v in lengths.values()) and any(v == 32 for v in lengths.values())
+    assert all(pretrain_8b.sequence_length(s - 1, pretrain_8b.PretrainConfig(
+        **{**pretrain_8b.PRESETS["tiny"], "random_length_prob": 0.25})) == v for s, v in lengths.items())
+
+
+def test_sequence_length_is_a_function_of_the_step():
+    cfg = pretrain_8b.PretrainConfig(block_size=4096, random_length_prob=0.01)
+    draws = [pretrain_8b.sequence_length(s, cfg) for s in range(20000)]
+    assert draws == [pretrain_8b.sequence_length(s, cfg) for s in range(20000)]
+    short = [L for L in draws if L < 4096]
+    assert 140 < len(short) < 260 and min(short) >= 1               # ~1% of 20,000 steps
+
+
+def test_resume_on_another_world_size_continues_exactly(runs):
+    resumed = runs["tmp"] / "resumed"
+    shutil.copytree(runs["one"], resumed)
+    shutil.rmtree(resumed / "step_0000016")
+    for f in ("summary.json", "log.jsonl"):
+        os.remove(resumed / f)
+    r = launch(tiny_args(runs["data"], resumed, "--resume"), nproc=2)
+    assert "resumed" in r.stdout and "step_0000008 at step 8" in r.stdout
+    again, one = losses(resumed), losses(runs["one"])
+    assert sorted(again) == list(range(9, 17))
+    assert max(abs(again[s] - one[s]) for s in again) < 1e-4
+
+
+def test_killed_run_resumes_with_the_same_next_step_loss(tmp_path):
+    data = corpus(tmp_path / "corpus.txt")
+    args = ["--preset", "tiny", "--device", "cpu", "--data", data, "--schedule", "constant", "--save-every", "3",
+            "--eval-every", "1000", "--no-plot"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args, "--out-dir", str(tmp_path / "a"), "--max-steps",
+                             "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not pretrain_8b.checkpoints(str(tmp_path / "a")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)                     # kill -9, possibly in the middle of a save
+    proc.wait()
+    step = int(os.path.basename(pretrain_8b.checkpoints(str(tmp_path / "a"))[-1])[5:])
+    launch([*args, "--out-dir", str(tmp_path / "a"), "--max-steps", str(step + 2), "--resume"], nproc=1)
+    launch([*args, "--out-dir", str(tmp_path / "b"), "--max-steps", str(step + 2)], nproc=1)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert a[step + 1] == b[step + 1] and a[step + 2] == b[step + 2]      # bit-identical on one CPU process
+
+
+def test_export_loads_back_with_the_same_heldout_nll(runs):
+    folder = os.path.join(runs["two"], "export")
+    config = json.load(open(os.path.join(folder, "config.json")))
+    assert config["eos_token_id"] == 256 and config["mask_token_id"] == 257 and config["vocab_size"] == 258
+    m = model_lib.Transformer(model_lib.config_from_json(config))
+    model_lib.load_safetensors(m, folder)
+    cfg = pretrain_8b.PretrainConfig(**json.load(open(os.path.join(runs["two"], "summary.json")))["settings"])
+    tok = pretrain_8b.load_tokenizer(folder)
+    assert tok.encode("hé").ids == [104, 195, 169]
+    ds = pretrain_8b.open_documents(cfg)
+    seqs, _ = pretrain_8b.held_out_set(ds, tok, 256, cfg, "test")
+    with world_of_one(tmp_dir=runs["tmp"]):
+        nll = pretrain_8b.heldout_nll(m, seqs, cfg, "cpu")
+    assert nll == pytest.approx(json.load(open(os.path.join(runs["two"], "summary.json")))["test_loss"], abs=1e-4)
+
+
+class world_of_one:
+    def __init__(self, tmp_dir):
+        self.init = f"file://{tmp_dir}/pg_{time.time_ns()}"
+
+    def __enter__(self):
+        dist.init_process_group("gloo", init_method=self.init, rank=0, world_size=1)
+
+    def __exit__(self, *exc):
+        dist.destroy_process_group()
+
+
+def test_export_of_an_fsdp_model_gives_the_same_logits(tmp_path):
+    tok = pretrain_8b.byte_tokenizer()
+    ids = pretrain_8b.token_ids(tok)
+    mc = pretrain_8b.model_config("tiny", ids)
+    x = torch.randint(0, 256, (2, 20))
+    with world_of_one(tmp_path):
+        m = pretrain_8b.build_model(mc, "cpu", seed=3, mixed_precision=False)
+        want = m(x).detach()
+        m.reshard()
+        pretrain_8b.export(m, str(tmp_path / "export"), tok, ids, "float32")
+    back = model_lib.Transformer(model_lib.config_from_json(json.load(open(tmp_path / "export" / "config.json"))))
+    model_lib.load_safetensors(back, str(tmp_path / "export"))
+    assert torch.allclose(back(x), want, atol=1e-6)
+    # and the sharded init is the unsharded one: the same weights whatever the world size
+    ref = model_lib.Transformer(mc)
+    ref.init_weights(seed=3)
+    assert torch.allclose(ref(x), want, atol=1e-6)
+
+
+def test_a_tokenizer_built_with_tokenizers(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    data = corpus(tmp_path / "corpus.txt")
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([data], trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "<|endoftext|>",
+                                                                         "<|mdm_mask|>"]))
+    tok.save(str(tmp_path / "tok.json"))
+    ids = pretrain_8b.token_ids(Tokenizer.from_file(str(tmp_path / "tok.json")))
+    assert ids["eos"] == 1 and ids["mask"] == 2
+    launch(["--preset", "tiny", "--device", "cpu", "--data", data, "--tokenizer", str(tmp_path / "tok.json"),
+            "--out-dir", str(tmp_path / "run"), "--max-steps", "4", "--no-plot"], nproc=1)
+    config = json.load(open(tmp_path / "run" / "export" / "config.json"))
+    assert config["vocab_size"] == ids["vocab"] <= 120 and config["mask_token_id"] == 2
+    assert Tokenizer.from_file(str(tmp_path / "run" / "export" / "tokenizer.json")).to_str() == tok.to_str()
+
+
+def test_tokenizer_checks():
+    from tokenizers import Tokenizer, models
+    ids = dict(eos=5, mask=6, vocab=200_000, special={5, 6}, bos=None)
+    with pytest.raises(ValueError, match="200,000 ids"):
+        pretrain_8b.model_config("llada-8b", ids)
+    # <|mdm_mask|> a real (non-special) token of the vocabulary: MASK would collide with text
+    tok = Tokenizer(models.WordLevel({"a": 0, "<|endoftext|>": 1, "<|mdm_mask|>": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    with pytest.raises(ValueError, match="is a real token"):
+        pretrain_8b.model_config("tiny", pretrain_8b.token_ids(tok))
+
+
+def test_dry_run_prints_the_8b_plan():
+    r = launch(["--dry-run"], nproc=1)
+    assert "8,015,581,184 parameters" in r.stdout
+    assert "8 GPUs, micro-batch 2 (8 accumulation steps)" in r.stdout and "implies" in r.stdout
+    out = pretrain_8b.plan(pretrain_8b.PretrainConfig(), 8, 0.4)
+    # FLOPs per token: 6 N (head on half the positions) + bidirectional attention 12 n_layer d L
+    body, head = 8_015_581_184 - 2 * 126464 * 4096, 126464 * 4096
+    assert out["flops_per_token"] == 6 * (body + 0.5 * head) + 12 * 32 * 4096 * 4096
+    assert out["gib"]["params"] == pytest.approx(4 * 8_015_581_184 / 8 / 2**30)
+    assert 0.3 < out["paper_20h_mfu"] < 1.0
+
+
+def test_wsd_schedule():
+    cfg = pretrain_8b.PretrainConfig(max_steps=100, warmup=10, lr=1.0, min_lr=0.1, decay_frac=0.2)
+    lrs = [pretrain_8b.lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[79] == 1.0
+    assert lrs[80] == 1.0 and lrs[99] == pytest.approx(1.0 + 19 / 20 * (0.1 - 1.0))
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+
+
+def test_benchmark_runs_on_cpu():
+    r = launch(["--preset", "tiny", "--device", "cpu", "--benchmark", "--bench-steps", "2"], nproc=1)
+    assert "tokens/s per GPU" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["batch", "empty"])
+def test_errors_under_torchrun_are_one_line_on_rank_0_and_every_rank_exits(tmp_path, case):
+    data = corpus(tmp_path / "corpus.txt") if case != "empty" else str(tmp_path / "empty.txt")
+    if case == "empty":
+        (tmp_path / "empty.txt").write_text("")
+    extra = ["--batch-size", "6"] if case == "batch" else []
+    r = launch(["--preset", "tiny", "--device", "cpu", "--data", data, "--out-dir", str(tmp_path / "out"),
+                "--max-steps", "2", *extra], nproc=2, timeout=120, check=False)
+    assert r.returncode != 0
+    ours = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    assert len(ours) == 1, r.stderr
+    assert ("multiple of micro-batch 2 x 2" if case == "batch" else "held-out documents") in ours[0]
+    assert "pretrain_8b.py\", line" not in r.stderr               # no traceback from our processes
+
+
+@pytest.mark.parametrize("case", ["missing", "t0>t1", "corrupt", "half-written", "tokenizer", "field"])
+def test_bad_input_is_one_line(tmp_path, case):
+    data = corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "out"
+    args = ["--preset", "tiny", "--device", "cpu", "--data", data, "--out-dir", str(out), "--max-steps", "2",
+            "--no-plot"]
+    if case in ("corrupt", "half-written"):
+        launch(args, nproc=1)
+        ckpt = pretrain_8b.checkpoints(str(out))[-1]
+        if case == "corrupt":
+            shard = os.path.join(ckpt, "__0_0.distcp")
+            open(shard, "r+b").truncate(100)
+        else:
+            os.remove(os.path.join(ckpt, ".metadata"))              # killed before the metadata was written
+        args += ["--resume", "--max-steps", "4"]
+    elif case == "missing":
+        args[args.index("--data") + 1] = str(tmp_path / "nowhere.txt")
+    elif case == "t0>t1":
+        args += ["--t0", "0.6", "--t1", "0.2"]
+    elif case == "tokenizer":
+        args += ["--tokenizer", str(tmp_path / "none.json")]
+    elif case == "field":
+        (tmp_path / "rows.jsonl").write_text('{"body": "no text field"}\n')
+        args[args.index("--data") + 1] = str(tmp_path / "rows.jsonl")
+    r = launch(args, nproc=1, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and r.stderr.strip().count("\n") == 0, r.stderr
+    want = {"missing": "does not exist", "t0>t1": "t0 <= t1", "corrupt": "cannot be loaded",
+            "half-written": "cannot be read", "tokenizer": "does not exist", "field": "no 'text' field"}[case]
+    assert want in r.stderr
+
+
+def test_plot_runs(runs, tmp_path):
+    pretrain_8b.main(["--plot-runs", runs["one"], runs["two"], "--out-dir", str(tmp_path)])
+    assert (tmp_path / "fig4_heldout_nll.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        common.run_cli(lambda: pretrain_8b.main(["--plot-runs", str(tmp_path), "--out-dir", str(tmp_path)]))
