@@ -100,12 +100,14 @@ def make_norm(cfg):
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope(x, theta):
-    """Rotary embedding, rotate-half layout (LLaDA/OLMo/LLaMA-HF), angles in fp32. x: (B, H, L, hd)."""
+def rope(x, theta, pos=None):
+    """Rotary embedding, rotate-half layout (LLaDA/OLMo/LLaMA-HF), angles in fp32. x: (B, H, L, hd);
+    pos: (B, L) positions (default 0..L-1)."""
     L, hd = x.shape[-2], x.shape[-1]
     inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    angles = torch.outer(torch.arange(L, device=x.device, dtype=torch.float32), inv_freq)
-    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+    pos = torch.arange(L, device=x.device) if pos is None else pos[:, None]       # (L,) or (B, 1, L)
+    angles = pos.float()[..., None] * inv_freq
+    cos, sin = torch.cat((angles.cos(),) * 2, -1), torch.cat((angles.sin(),) * 2, -1)
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
@@ -130,14 +132,15 @@ class Block(nn.Module):
         self.ff_out = nn.Linear(cfg.mlp_hidden, d, bias=b)        # down projection
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def attention(self, x):
+    def attention(self, x, pos=None, keys=None):
         B, L, d = x.shape
         H = self.cfg.n_head
         q, k, v = (proj(x).view(B, L, H, d // H).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if self.cfg.pos == "rope":
-            q, k = rope(q, self.cfg.rope_theta), rope(k, self.cfg.rope_theta)
+            q, k = rope(q, self.cfg.rope_theta, pos), rope(k, self.cfg.rope_theta, pos)
         drop = self.cfg.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=False)
+        mask = None if keys is None else keys[:, None, None, :]        # padding keys are never attended to
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=False)
         return self.attn_out(y.transpose(1, 2).reshape(B, L, d))
 
     def mlp(self, x):
@@ -145,8 +148,8 @@ class Block(nn.Module):
             return self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))
         return self.ff_out(F.gelu(self.ff_proj(x)))
 
-    def forward(self, x):
-        x = x + self.dropout(self.attention(self.attn_norm(x)))
+    def forward(self, x, pos=None, keys=None):
+        x = x + self.dropout(self.attention(self.attn_norm(x), pos, keys))
         return x + self.dropout(self.mlp(self.ff_norm(x)))
 
 
@@ -189,25 +192,33 @@ class Transformer(nn.Module):
             if seed is not None:
                 p.copy_(shard_like(full, p))
 
-    def forward(self, idx, output_mask=None):
+    def forward(self, idx, output_mask=None, attention_mask=None):
         """idx (B, L) token ids -> logits (B, L, V).
 
         output_mask (bool, B x L): run the output head only where it is True and
         return (n_true, V) logits in row-major order. The MD loss needs logits
         only at masked positions, so at small t this skips most of the
         d_model x vocab matmul, the costliest layer of a small model.
+
+        attention_mask (B x L, 1 = token, 0 = padding): padding is never attended to,
+        and positions count real tokens only, so a left-padded row gives what the
+        row gives alone (learned positions included; RoPE is relative anyway).
         """
         B, L = idx.shape
         if L > self.cfg.block_size:
             raise ValueError(f"sequence length {L} exceeds the model's block_size {self.cfg.block_size}")
+        pos = keys = None
+        if attention_mask is not None:
+            keys = attention_mask.bool()
+            pos = (keys.long().cumsum(1) - 1).clamp_min(0)
         x = self.transformer.wte(idx)
         if self.cfg.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(L, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(L, device=idx.device) if pos is None else pos)
         for block in self.transformer.blocks:
             if self.cfg.grad_checkpoint and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, pos, keys, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, pos, keys)
         x = self.transformer.ln_f(x)
         if output_mask is not None:
             x = x[output_mask]
@@ -280,7 +291,7 @@ def apply_fsdp(model, mixed_precision=True):
 
 # ---- LLaDA's Hugging Face safetensors format ------------------------------------------
 
-def _checkpoint_folder(path_or_id):
+def checkpoint_folder(path_or_id):
     """A local folder as is; anything else is taken for a Hub id and downloaded (safetensors + json only)."""
     if os.path.isdir(path_or_id):
         return path_or_id
@@ -294,10 +305,11 @@ def _checkpoint_folder(path_or_id):
                          f"{type(e).__name__}") from None
 
 
-def read_safetensors(path_or_id):
-    """State dict of a (sharded) safetensors checkpoint, keys without the "model." prefix."""
-    from safetensors.torch import load_file
-    folder = _checkpoint_folder(path_or_id)
+def safetensors_index(path_or_id):
+    """{key without "model.": (file, stored key, shape)} of a (sharded) safetensors checkpoint,
+    read from the headers only: tensors are loaded one at a time, when needed."""
+    from safetensors import safe_open
+    folder = checkpoint_folder(path_or_id)
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -306,32 +318,49 @@ def read_safetensors(path_or_id):
         files = ["model.safetensors"]
     else:
         raise ValueError(f"{folder} has neither model.safetensors.index.json nor model.safetensors")
-    state = {}
+    out = {}
     for name in files:
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             raise ValueError(f"shard {name} named in {index} is missing")
-        state.update(load_file(path))
-    return {k.removeprefix("model."): v for k, v in state.items()}
+        try:
+            with safe_open(path, framework="pt") as f:
+                for k in f.keys():
+                    out[k.removeprefix("model.")] = (path, k, tuple(f.get_slice(k).get_shape()))
+        except Exception as e:            # truncated or not safetensors: the user's file
+            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
+    return out
 
 
+def read_tensor(entry):
+    from safetensors import safe_open
+    path, key, _ = entry
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(key)
+
+
+@torch.no_grad()
 def load_safetensors(model, path_or_id):
-    """Load a LLaDA-format checkpoint into `model`, checking every key and shape first.
-    A model built on the meta device takes the checkpoint's tensors as they are."""
-    state = read_safetensors(path_or_id)
+    """Load a LLaDA-format checkpoint into `model`, checking every key and shape first. A model
+    built on the meta device takes the checkpoint's tensors as they are; a materialised one,
+    FSDP-sharded included, copies them in, one tensor at a time and only this rank's shard."""
+    index = safetensors_index(path_or_id)
     expected = model.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-             for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k].shape]
+    missing = sorted(expected.keys() - index.keys())
+    unexpected = sorted(index.keys() - expected.keys())
+    wrong = [f"{k} {index[k][2]} vs {tuple(expected[k].shape)}"
+             for k in sorted(expected.keys() & index.keys()) if index[k][2] != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
         parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if v]
         raise ValueError(f"checkpoint {path_or_id} does not fit the model: " + "; ".join(parts))
-    on_meta = any(p.is_meta for p in model.parameters())
-    model.load_state_dict(state, assign=on_meta)
-    if model.cfg.tie_weights:
-        model.transformer.ff_out.weight = model.transformer.wte.weight
+    if any(p.is_meta for p in model.parameters()):
+        model.load_state_dict({k: read_tensor(index[k]) for k in expected}, assign=True)
+        if model.cfg.tie_weights:
+            model.transformer.ff_out.weight = model.transformer.wte.weight
+    else:
+        for k, p in expected.items():
+            p.copy_(shard_like(read_tensor(index[k]).to(device=p.device, dtype=p.dtype), p))
     return model
 
 
@@ -408,8 +437,9 @@ def transfer_schedule(n_masked, steps):
 
 
 @torch.no_grad()
-def generate(model, prompt, *, mask_id, gen_length=128, steps=128, block_length=128,
-             temperature=0.0, cfg_scale=0.0, remasking="low_confidence"):
+def generate(model, prompt, *, mask_id, gen_length=128, steps=128, block_length=128, temperature=0.0,
+             cfg_scale=0.0, remasking="low_confidence", attention_mask=None, eos_id=None, eot_id=None,
+             logits_eos_inf=False, confidence_eos_eot_inf=False):
     """LLaDA's sampler (Nie et al. 2025, Alg. 4/5): append gen_length MASKs to the
     prompt; fill them block by block (semi-autoregressive, left to right), each
     block in steps / n_blocks steps. At every step the model predicts all masked
@@ -419,42 +449,65 @@ def generate(model, prompt, *, mask_id, gen_length=128, steps=128, block_length=
     temperature: 0 is greedy; > 0 samples with Gumbel noise in float64 (in low
     precision the Gumbel-max trick degrades, LLaDA §B.3). cfg_scale > 0 adds
     classifier-free guidance against the prompt-masked input.
+    attention_mask (B x P, 1 = token): left-padded prompts of unequal length; each
+    row then gives the tokens it gives alone (the model ignores padding keys and
+    counts positions from its first token).
+    logits_eos_inf: EOS (eos_id) is never predicted. confidence_eos_eot_inf: a
+    position predicted EOS or end-of-turn (eot_id) has confidence 0, so it is never
+    the most confident pick and is unmasked only when the schedule demands it
+    (LLaDA's GSM8K / MATH settings turn both on).
+
+    Only masked positions of the current block run the output head: the others
+    cannot be picked. The confidence softmax runs in float64, where LLaDA's current
+    generate.py uses the model's dtype: bf16 ties can then break differently.
     """
     if gen_length % block_length or steps % (gen_length // block_length):
         raise ValueError("gen_length must be a multiple of block_length, and steps of the number of blocks")
     B, P = prompt.shape
     x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :P] = prompt
-    is_prompt = x != mask_id
+    is_prompt = torch.zeros_like(x, dtype=torch.bool)
+    is_prompt[:, :P] = True
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask.to(x.device).long(),
+                                    torch.ones(B, gen_length, dtype=torch.long, device=x.device)], 1)
+    position = torch.arange(x.shape[1], device=x.device)
     n_blocks = gen_length // block_length
     for blk in range(n_blocks):
         lo, hi = P + blk * block_length, P + (blk + 1) * block_length
         schedule = transfer_schedule((x[:, lo:hi] == mask_id).sum(1), steps // n_blocks)
         for i in range(steps // n_blocks):
-            masked = x == mask_id
+            pick = (x == mask_id) & (position < hi)       # later blocks wait their turn
             if cfg_scale > 0:
                 unconditional = x.masked_fill(is_prompt, mask_id)
-                cond, uncond = model(torch.cat([x, unconditional])).chunk(2)
+                am = None if attention_mask is None else attention_mask.repeat(2, 1)
+                cond, uncond = model(torch.cat([x, unconditional]), output_mask=pick.repeat(2, 1),
+                                     attention_mask=am).chunk(2)
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
             else:
-                logits = model(x)
+                logits = model(x, output_mask=pick, attention_mask=attention_mask)
             logits = logits.double()
-            logits[..., mask_id] = -math.inf                     # never "predict" MASK itself
+            logits[:, mask_id] = -math.inf                       # never "predict" MASK itself
+            if logits_eos_inf:
+                logits[:, eos_id] = -math.inf
             if temperature > 0:   # Gumbel-max: argmax(logits / T + G) samples softmax(logits / T)
                 u = torch.rand_like(logits).clamp_min(1e-300)
-                logits_sampled = logits / temperature - torch.log(-torch.log(u))
+                pred = (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
             else:
-                logits_sampled = logits
-            pred = logits_sampled.argmax(-1)
+                pred = logits.argmax(-1)
             if remasking == "low_confidence":
-                confidence = F.softmax(logits, -1).gather(-1, pred[..., None])[..., 0]
+                conf = F.softmax(logits, -1).gather(-1, pred[:, None])[:, 0]
             elif remasking == "random":
-                confidence = torch.rand(pred.shape, device=x.device, dtype=torch.float64)
+                conf = torch.rand(pred.shape, device=x.device, dtype=torch.float64)
             else:
                 raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
-            confidence[:, hi:] = -math.inf                       # later blocks wait their turn
-            confidence = confidence.masked_fill(~masked, -math.inf)
+            if confidence_eos_eot_inf:
+                conf = conf.masked_fill((pred == eos_id) | (pred == eot_id), 0.0)
+            confidence = torch.full(x.shape, -math.inf, dtype=torch.float64, device=x.device)
+            confidence[pick] = conf
+            proposal = x.clone()
+            proposal[pick] = pred
             rank = confidence.argsort(1, descending=True).argsort(1)
-            keep = rank < schedule[:, i:i + 1]                   # the k most confident masked tokens
-            x = torch.where(keep, pred, x)
+            keep = (rank < schedule[:, i:i + 1]) & pick           # the k most confident masked tokens
+            x = torch.where(keep, proposal, x)
     return x

@@ -83,7 +83,7 @@ PRESETS = {
                         lr=3e-4, min_lr=3e-5, warmup=1000, eval_every=250, eval_seqs=256, eval_batch=2,
                         save_every=1000),
     # seconds on a laptop CPU, byte-level tokenizer, nothing downloaded: tests and a first look
-    "tiny": dict(model="tiny", tokenizer="", block_size=32, batch_size=8, micro_batch=2, max_steps=20, lr=3e-3,
+    "tiny": dict(model="tiny", tokenizer="", block_size=64, batch_size=8, micro_batch=2, max_steps=20, lr=3e-3,
                  min_lr=3e-4, warmup=2, eval_every=10, eval_docs=16, eval_seqs=8, eval_draws=4, eval_batch=2,
                  log_every=1, save_every=5, export_dtype="float32"),
 }
@@ -138,13 +138,18 @@ def on_every_rank(fn, device, *args):
 
 # ----------------------------------------------------------------------------- tokenizer
 
+SPECIALS = ["<|endoftext|>", "<|mdm_mask|>", "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|eot_id|>"]       # LLaDA's EOS, MASK, BOS and chat-template tokens
+
+
 def byte_tokenizer():
-    """256 byte ids, then <|endoftext|> = 256 and <|mdm_mask|> = 257, as a `tokenizers` Tokenizer:
-    no file, no download, and it saves and loads like LLaDA's tokenizer.json."""
+    """256 byte ids, then LLaDA's special tokens (EOS = 256, MASK = 257, BOS, and the chat template's
+    header and end-of-turn tokens), as a `tokenizers` Tokenizer: no file, no download, and it saves
+    and loads like LLaDA's tokenizer.json."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
     tok = Tokenizer(models.BPE(vocab={f"<0x{b:02X}>": b for b in range(256)}, merges=[], byte_fallback=True))
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True), AddedToken("<|mdm_mask|>", special=True)])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
     return tok
 
 
@@ -504,19 +509,20 @@ class Logger:
 
 
 def check_config(cfg, world):
-    """User errors that every rank finds alike, before any work."""
+    """User errors that every rank finds alike, before any work (pre-training's and SFT's settings)."""
     masking.check_interval(cfg.t0, cfg.t1)
     if cfg.batch_size % (cfg.micro_batch * world):
         raise ValueError(f"the global batch of {cfg.batch_size} sequences is not a multiple of micro-batch "
                          f"{cfg.micro_batch} x {world} processes; change --batch-size or --micro-batch")
     if cfg.schedule not in ("wsd", "cosine", "constant"):
         raise ValueError(f"--schedule must be wsd, cosine or constant, got {cfg.schedule!r}")
-    if min(cfg.max_steps, cfg.eval_every, cfg.save_every, cfg.log_every, cfg.eval_seqs, cfg.eval_docs,
-           cfg.eval_draws, cfg.eval_batch, cfg.keep, cfg.block_size) <= 0:
+    positive = ("max_steps", "eval_every", "save_every", "log_every", "eval_seqs", "eval_docs", "eval_rows",
+                "eval_draws", "eval_batch", "keep", "block_size", "micro_batch")
+    if min(getattr(cfg, name) for name in positive if hasattr(cfg, name)) <= 0:
         raise ValueError("steps, intervals, sizes and --keep must be positive")
     if cfg.export_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--export-dtype must be float32 or bfloat16, got {cfg.export_dtype!r}")
-    if not 0 <= cfg.random_length_prob <= 1:
+    if not 0 <= getattr(cfg, "random_length_prob", 0) <= 1:
         raise ValueError(f"--random-length-prob must lie in [0, 1], got {cfg.random_length_prob}")
 
 
@@ -524,55 +530,75 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, expo
     """One pre-training run under torchrun (or as a world of one). Writes OUT_DIR/{step_*/, log.jsonl,
     summary.json, export/}; returns the summary on rank 0 (None elsewhere)."""
     rank, world, device = setup_distributed(device)
-    cuda = device.startswith("cuda")
     check_config(cfg, world)
     on_every_rank(lambda: common.prepare_out_dir(out_dir) if rank == 0 else None, device)
     tok = on_every_rank(load_tokenizer, device, cfg.tokenizer)
     ids = token_ids(tok, model_lib.get_config(cfg.model))
     model_cfg = model_config(cfg.model, ids, block_size=cfg.block_size, grad_checkpoint=cfg.grad_checkpoint)
-    latest = checkpoints(out_dir)[-1] if resume and checkpoints(out_dir) else None
     ds = on_every_rank(open_documents, device, cfg)
     where = data_source(cfg)
     eval_seqs, held_out = on_every_rank(held_out_set, device, ds, tok, ids["eos"], cfg, where)
-    n_slots, accum = cfg.batch_size // cfg.micro_batch, cfg.batch_size // (cfg.micro_batch * world)
+    n_slots = cfg.batch_size // cfg.micro_batch
     slots = {i: Slot(ds, i, n_slots, tok, ids["eos"], cfg, held_out, device, where)
              for i in range(rank, n_slots, world)}                 # micro-step k uses slot rank + k * world
-    model = build_model(model_cfg, device, cfg.seed, mixed_precision=cuda, compile_model=compile_model)
+    model = build_model(model_cfg, device, cfg.seed, mixed_precision=device.startswith("cuda"),
+                        compile_model=compile_model)
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
-    ce_fn = loss_ce(compile_model)
-    step, history, seconds_before = 0, [], 0.0
-    if latest:
-        extra = load_checkpoint(latest, model, opt, device)
-        if len(extra["slots"]) != n_slots:
-            raise ValueError(f"checkpoint {latest} has {len(extra['slots'])} data slots, this run "
-                             f"{n_slots} (batch / micro-batch); resume with the same --batch-size and --micro-batch")
-        for i, slot in slots.items():
-            slot.load_state_dict(extra["slots"][i])
-        step, history, seconds_before = extra["step"], extra["history"], extra["seconds"]
+    latest = checkpoints(out_dir)[-1] if resume and checkpoints(out_dir) else None
+    step, history, seconds = resume_from(latest, model, opt, slots, n_slots, device)
     log = Logger(out_dir, rank == 0)
     log(f"resumed {latest} at step {step}" if latest else
         f"{describe(cfg)}: {model.num_params():,} parameters ({cfg.model}), batch {cfg.batch_size} x "
-        f"{cfg.block_size} ({accum} x {cfg.micro_batch} x {world} GPUs), {cfg.max_steps} steps on {device}; "
-        f"data {where}; {len(eval_seqs)} held-out sequences")
+        f"{cfg.block_size} ({n_slots // world} x {cfg.micro_batch} x {world} GPUs), {cfg.max_steps} steps on "
+        f"{device}; data {where}; {len(eval_seqs)} held-out sequences")
+
+    def batches(step):     # LLaDA's random length crops every sequence of the step alike
+        L = sequence_length(step, cfg)
+        return [(slots[i].next_batch(cfg.micro_batch)[:, :L], None) for i in sorted(slots)]
+    history, seconds = train_loop(cfg, model, opt, slots, batches, lambda: heldout_nll(model, eval_seqs, cfg, device),
+                                  out_dir, device, loss_ce(compile_model), log, step, history, seconds)
+    return finish(cfg, model, out_dir, export_dir, tok, ids, history, seconds, plot)
+
+
+def resume_from(latest, model, opt, slots, n_slots, device):
+    """Model, optimizer and every slot's state from the newest complete checkpoint (if any);
+    returns (step, history, seconds trained so far)."""
+    if latest is None:
+        return 0, [], 0.0
+    extra = load_checkpoint(latest, model, opt, device)
+    if len(extra["slots"]) != n_slots:
+        raise ValueError(f"checkpoint {latest} has {len(extra['slots'])} data slots, this run {n_slots} "
+                         f"(batch / micro-batch); resume with the same --batch-size and --micro-batch")
+    for i, slot in slots.items():
+        slot.load_state_dict(extra["slots"][i])
+    return extra["step"], extra["history"], extra["seconds"]
+
+
+def train_loop(cfg, model, opt, slots, batches, evaluate, out_dir, device, ce_fn, log, step, history, seconds):
+    """The loop pre-training and SFT share. batches(step) gives this rank's micro-batches, one
+    (x0, maskable) per slot in slot order; each is masked with its slot's generator. Every
+    eval_every steps evaluate() gives the held-out NLL; every save_every steps a checkpoint
+    holds the model, optimizer and every slot's state. Returns (history, seconds)."""
+    world, cuda = dist.get_world_size(), device.startswith("cuda")
     peak = model_lib.device_peak_flops(device)
     progress, t_log, window = common.Progress(cfg.max_steps, start=step), time.time(), []
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        L = sequence_length(step, cfg)
-        batches = on_every_rank(lambda: [slots[i].next_batch(cfg.micro_batch)[:, :L]
-                                         for i in range(rank, n_slots, world)], device)
+        micro = on_every_rank(batches, device, step)
         loss_sum, masked_frac = torch.zeros((), device=device), torch.zeros((), device=device)
-        for i, x0 in zip(range(rank, n_slots, world), batches):
-            loss, masked = md_micro_loss(model, x0.to(device), model_cfg.mask_id, cfg, slots[i].gen, ce_fn)
-            (loss / accum).backward()
-            loss_sum += loss.detach() / accum
-            masked_frac += masked.float().mean() / accum
+        for i, (x0, maskable) in zip(sorted(slots), micro):
+            maskable = None if maskable is None else maskable.to(device)
+            loss, masked = md_micro_loss(model, x0.to(device), model.cfg.mask_id, cfg, slots[i].gen, ce_fn, maskable)
+            (loss / len(micro)).backward()
+            loss_sum += loss.detach() / len(micro)
+            masked_frac += masked.float().mean() / len(micro)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        L = micro[0][0].shape[1]
         stats = torch.stack([loss_sum, masked_frac])
         dist.all_reduce(stats)
         loss_val, frac = (stats / world).tolist()
@@ -592,31 +618,37 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, expo
             mfu = model_lib.estimate_mfu(model.flops_per_token(cfg.block_size, mean_frac), tok_s / world, peak)
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
             grad_norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else float(norm)
-            rec = dict(step=step, loss=sum(w[0] for w in window) / len(window), lr=lr, grad_norm=grad_norm, seq_len=L,
-                       tokens_per_sec=tok_s, tokens_per_sec_per_gpu=tok_s / world, mfu=mfu, peak_mem_gib=mem,
-                       seconds=seconds_before + progress.elapsed())
+            rec = dict(step=step, loss=sum(w[0] for w in window) / len(window), lr=lr, grad_norm=grad_norm,
+                       seq_len=L, tokens_per_sec=tok_s, tokens_per_sec_per_gpu=tok_s / world, mfu=mfu,
+                       peak_mem_gib=mem, seconds=seconds + progress.elapsed())
             log(f"step {step:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | grad norm {grad_norm:.2f} | "
                 f"{tok_s:,.0f} tok/s ({tok_s / world:,.0f}/GPU)" + (f" | MFU {100 * mfu:.1f}%" if mfu else "")
                 + (f" | peak mem {mem:.1f} GiB" if mem else "") + f" | {progress.eta(step)}", **rec)
             history.append(rec)
             t_log, window = time.time(), []
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            nll = heldout_nll(model, eval_seqs, cfg, device)
+            nll = evaluate()
             history.append(dict(step=step, test_loss=nll))
             log(f"step {step:6d} | held-out NLL {nll:.4f} (full-range bound, nats/token)", step=step, test_loss=nll)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             states = [None] * world
             dist.all_gather_object(states, {i: s.state_dict() for i, s in slots.items()})
             extra = dict(step=step, slots={i: s for d in states for i, s in d.items()}, history=history,
-                         config=asdict(cfg), seconds=seconds_before + progress.elapsed())
+                         config=asdict(cfg), seconds=seconds + progress.elapsed())
             save_checkpoint(out_dir, step, model, opt, extra, cfg.keep)
+    return history, seconds + progress.elapsed()
+
+
+def finish(cfg, model, out_dir, export_dir, tok, ids, history, seconds, plot):
+    """Export, summary.json (and the held-out NLL curve); returns the summary on rank 0."""
     export(model, export_dir or os.path.join(out_dir, "export"), tok, ids, cfg.export_dtype)
-    summary = summarize(cfg, history, model, world, seconds_before + progress.elapsed())
-    if rank == 0:
-        common.write_json(os.path.join(out_dir, "summary.json"), summary)
-        if plot:
-            plot_runs([out_dir], os.path.join(out_dir, "heldout_nll.png"))
-    return summary if rank == 0 else None
+    summary = summarize(cfg, history, model, dist.get_world_size(), seconds)
+    if dist.get_rank() != 0:
+        return None
+    common.write_json(os.path.join(out_dir, "summary.json"), summary)
+    if plot:
+        plot_runs([out_dir], os.path.join(out_dir, "heldout_nll.png"))
+    return summary
 
 
 def describe(cfg):
@@ -662,10 +694,10 @@ ACT_NOTE = ("activations: per token and block ~2(14d + 4h) bytes saved for backw
             "RMSNorm copies, flash attention: no L x L scores), 2d with checkpointing plus one block recomputed")
 
 
-def plan(cfg, world, mfu, gpu_gib=80, peak=989e12):
+def plan(cfg, world, mfu, gpu_gib=80, peak=989e12, paper_hours=None):
     """--dry-run: the configured model on `meta` and what a run of it costs on `world` GPUs of
     `gpu_gib` (H100 SXM: 989 TFLOP/s dense bf16). Returns the numbers it prints."""
-    ids = dict(vocab=258, mask=257) if not cfg.model.startswith("llada") else None
+    ids = dict(vocab=256 + len(SPECIALS), mask=257) if not cfg.model.startswith("llada") else None
     mc = model_lib.get_config(cfg.model, block_size=cfg.block_size)
     if ids:
         mc = replace(mc, vocab_size=ids["vocab"], mask_id=ids["mask"])
@@ -707,10 +739,10 @@ def plan(cfg, world, mfu, gpu_gib=80, peak=989e12):
               f"({'fits' if total < 0.9 * gpu_gib else 'does NOT fit'})")
     print(f"time at {100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s per GPU: {step_s:.2f} s a step, "
           f"{out['total_hours']:.1f} h for {cfg.max_steps:,} steps ({cfg.max_steps * tokens_step / 1e9:.2f} B tokens)")
-    if cfg.model == "llada-8b":
-        implied = fpt * tokens_step * cfg.max_steps / (20 * 3600 * world * peak)
-        out["paper_20h_mfu"] = implied
-        print(f"the paper's 'about 20 hours' for {cfg.max_steps:,} steps on {world} H100s implies "
+    if paper_hours:
+        implied = fpt * tokens_step * cfg.max_steps / (paper_hours * 3600 * world * peak)
+        out["paper_hours_mfu"] = implied
+        print(f"the paper's 'about {paper_hours} hours' for {cfg.max_steps:,} steps on {world} H100s implies "
               f"{100 * implied:.0f}% MFU")
     print(ACT_NOTE)
     return out
@@ -726,7 +758,7 @@ def benchmark(cfg, device, compile_model, layers, steps=10, warmup=3):
     mc = model_lib.get_config(cfg.model, block_size=cfg.block_size, grad_checkpoint=cfg.grad_checkpoint,
                               **({"n_layer": layers} if layers else {}))
     if not cfg.model.startswith("llada"):
-        mc = replace(mc, vocab_size=258, mask_id=257)
+        mc = replace(mc, vocab_size=256 + len(SPECIALS), mask_id=257)
     model = build_model(mc, device, cfg.seed, mixed_precision=cuda, compile_model=compile_model)
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
     ce_fn, gen = loss_ce(compile_model), torch.Generator(device).manual_seed(rank)
@@ -809,7 +841,7 @@ def main(argv=None):
     if a.dry_run:
         world = a.world_size or int(os.environ.get("WORLD_SIZE", "8"))
         check_config(cfg, world)
-        plan(cfg, world, a.plan_mfu)
+        plan(cfg, world, a.plan_mfu, paper_hours=20 if cfg.model == "llada-8b" else None)
         return
     device = common.pick_device(a.device)
     try:

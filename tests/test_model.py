@@ -195,11 +195,11 @@ def test_generate_recovers_an_oracle_answer_in_confidence_order():
     target = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
     order = []
 
-    def oracle(x):
+    def oracle(x, output_mask=None, attention_mask=None):
         order.append((x == 15).clone())
         logits = torch.zeros(*x.shape, 16)
         logits[0, torch.arange(8), target[0]] = torch.arange(8, dtype=torch.float) + 1.0
-        return logits
+        return logits if output_mask is None else logits[output_mask]
     out = model.generate(oracle, target[:, :2], mask_id=15, gen_length=6, steps=6, block_length=3)
     assert torch.equal(out, target)
     first_unmasked = [(a & ~b).nonzero()[:, 1].tolist() for a, b in zip(order, order[1:])]
@@ -223,3 +223,56 @@ def test_fsdp2_wraps_and_matches_unsharded(tmp_path):
         assert torch.allclose(g, ref.transformer.blocks[0].q_proj.weight.grad, atol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(pos):
+    torch.manual_seed(0)
+    m = model.Transformer(small_llada(pos=pos, vocab_size=40, block_size=32, init_std=0.5)).double().eval()
+    prompts = [torch.randint(0, 38, (n,)) for n in (3, 7, 5)]
+    P, pad = max(len(p) for p in prompts), 38                       # pad with any id: it is never attended to
+    batch = torch.stack([torch.cat([torch.full((P - len(p),), pad), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(P - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+    kw = dict(mask_id=39, gen_length=8, steps=8, block_length=4)
+    together = model.generate(m, batch, attention_mask=mask, **kw)[:, P:]
+    alone = [model.generate(m, p[None], **kw)[0, len(p):] for p in prompts]
+    assert all(torch.equal(together[i], alone[i]) for i in range(3))
+    # without the mask the padding changes what the model sees (so the mask is doing the work)
+    unmasked = model.generate(m, batch, **kw)[:, P:]
+    assert not all(torch.equal(unmasked[i], alone[i]) for i in range(3))
+
+
+def eos_oracle(eos_conf, word_conf):
+    """Logits (V = 16, MASK 15, EOS 14, EOT 13) that prefer EOS at position 2 with logit eos_conf,
+    and token 5 elsewhere with logit word_conf."""
+    def fn(x, output_mask=None, attention_mask=None):
+        logits = torch.zeros(*x.shape, 16)
+        logits[..., 5] = word_conf
+        logits[:, 2, 14] = eos_conf
+        return logits[output_mask]
+    return fn
+
+
+def test_logits_eos_inf_never_predicts_eos():
+    prompt = torch.tensor([[1, 2]])
+    kw = dict(mask_id=15, gen_length=4, steps=4, block_length=4, eos_id=14, eot_id=13)
+    assert model.generate(eos_oracle(9.0, 3.0), prompt, **kw)[0, 2] == 14
+    out = model.generate(eos_oracle(9.0, 3.0), prompt, logits_eos_inf=True, **kw)
+    assert (out[0, 2:] != 14).all() and out[0, 2] == 5
+
+
+def test_confidence_eos_eot_inf_unmasks_eos_last():
+    prompt = torch.tensor([[1, 2]])
+    order = []
+    base = eos_oracle(9.0, 3.0)
+
+    def recording(x, output_mask=None, attention_mask=None):
+        order.append((x[0] == 15).clone())
+        return base(x, output_mask)
+    kw = dict(mask_id=15, gen_length=4, steps=4, block_length=4, eos_id=14, eot_id=13)
+    model.generate(recording, prompt, **kw)
+    assert (order[0] & ~order[1]).nonzero()[:, 0].tolist() == [2]      # EOS is the most confident: first
+    order.clear()
+    out = model.generate(recording, prompt, confidence_eos_eot_inf=True, **kw)
+    unmasked_last = (order[-1] & ~(out[0] == 15)).nonzero()[:, 0].tolist()
+    assert unmasked_last == [2] and out[0, 2] == 14                   # still EOS, but picked last

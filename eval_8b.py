@@ -1,0 +1,476 @@
+"""
+Any LLaDA-format checkpoint on the paper's benchmarks through lm-eval: Table 1 (pre-training,
+§5.2.1) and Tables 2-3 (SFT, §5.2.2), with LLaDA's published settings (App. F.6).
+
+    python eval_8b.py --table 1 --checkpoint out/pretrain/export                  # HellaSwag, ARC-Easy
+    torchrun --nproc_per_node=8 eval_8b.py --table 2 --checkpoint out/sft/export  # MMLU, MMLU-STEM, ARC-C, GPQA
+    torchrun --nproc_per_node=8 eval_8b.py --table 3 --checkpoint out/sft/export  # GSM8K, MATH (512 / 512)
+    python eval_8b.py --checkpoint EXPORT --tasks arc_challenge --data-dir ../shared/data/evals --limit 20 --device cpu
+    python eval_8b.py --benchmark --preset tiny --device cpu                       # tokens/s of generate
+
+The model is an lm-eval `LM` ("masked_diffusion"): `loglikelihood` is masking's full-range
+bound on the answer with the context unmasked (the answer's masked counts stratified,
+--mc-num draws, optional classifier-free guidance), `generate_until` is model.generate
+(low-confidence remasking, temperature 0). Under torchrun each rank holds the whole
+model and scores its shard of the requests (lm-eval's data parallelism). lm-eval is an
+optional dependency: pip install -r requirements-eval.txt.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import common
+import masking
+import model as model_lib
+import pretrain_8b as pt
+
+# LLaDA's published lm-eval settings (its eval_llada.sh): few-shot count (None: the task's own),
+# Monte Carlo draws, classifier-free guidance; generation as §F.6 fixes it (512 tokens in 512 steps)
+# with EOS never predicted and EOS / end-of-turn never the most confident pick, as LLaDA's GSM8K
+# and MATH settings have it. `metric` is what the tables report.
+TASKS = {
+    "hellaswag": dict(lm_eval="hellaswag", fewshot=0, mc_num=128, cfg=0.5, metric="acc_norm,none"),
+    "arc_easy": dict(lm_eval="arc_easy", fewshot=0, mc_num=128, cfg=0.5, metric="acc_norm,none"),
+    "arc_challenge": dict(lm_eval="arc_challenge", fewshot=0, mc_num=128, cfg=0.5, metric="acc_norm,none"),
+    "mmlu": dict(lm_eval="mmlu", fewshot=5, mc_num=1, cfg=0.0, metric="acc,none"),
+    "mmlu_stem": dict(lm_eval="mmlu_stem", fewshot=5, mc_num=1, cfg=0.0, metric="acc,none"),
+    "gpqa": dict(lm_eval="gpqa_main_n_shot", fewshot=5, mc_num=128, cfg=0.5, metric="acc,none"),
+    "gsm8k": dict(lm_eval="gsm8k", fewshot=None, cfg=0.0, logits_eos_inf=True, confidence_eos_eot_inf=True,
+                  metric="exact_match,flexible-extract"),
+    "math": dict(lm_eval="minerva_math", fewshot=None, cfg=0.0, logits_eos_inf=True, confidence_eos_eot_inf=True,
+                 metric="exact_match,none"),
+}
+TABLES = {1: ["hellaswag", "arc_easy"], 2: ["mmlu", "mmlu_stem", "arc_challenge", "gpqa"], 3: ["gsm8k", "math"]}
+PAPER = {   # the paper's numbers, beside ours in results.md (not results of this repository)
+    1: {"PT U[0, 1]": dict(hellaswag=0.354, arc_easy=0.342), "PT U[0.45, 0.55]": dict(hellaswag=0.400, arc_easy=0.430)},
+    2: {"LLaDA Base": dict(mmlu=0.659, mmlu_stem=0.629, arc_challenge=0.459, gpqa=0.252),
+        "SFT U[0, 1]": dict(mmlu=0.659, mmlu_stem=0.621, arc_challenge=0.468, gpqa=0.344),
+        "SFT U[0.45, 0.55]": dict(mmlu=0.669, mmlu_stem=0.635, arc_challenge=0.480, gpqa=0.402)},
+    3: {"Base": dict(gsm8k=0.703, math=0.314), "SFT [0.45, 0.55]": dict(gsm8k=0.738, math=0.342),
+        "SFT [0, 1]": dict(gsm8k=0.768, math=0.341), "SFT [0.2, 1]": dict(gsm8k=0.762, math=0.358),
+        "SFT [0.3, 1]": dict(gsm8k=0.774, math=0.360), "SFT [0.5, 1]": dict(gsm8k=0.785, math=0.375)},
+}
+
+
+# ----------------------------------------------------------------------------- the lm-eval model
+
+def lm_eval_class():
+    """The `LM` subclass, built on first use so that nothing else needs lm-eval installed."""
+    try:
+        from lm_eval.api.model import LM
+        from lm_eval.api.registry import register_model
+    except ImportError:
+        raise ValueError("eval_8b.py needs lm-eval: pip install -r requirements-eval.txt") from None
+    global MaskedDiffusionLM
+    if "MaskedDiffusionLM" in globals():
+        return MaskedDiffusionLM
+
+    @register_model("masked_diffusion")
+    class MaskedDiffusionLM(LM):
+        """A masked-diffusion model as lm-eval sees it (LLaDA's eval_llada.py, on masking's bound)."""
+
+        def __init__(self, model, tok, ids, device, mc_num=128, mc_batch=32, cfg=0.0, gen_length=512, steps=512,
+                     block_length=512, batch_size=8, logits_eos_inf=False, confidence_eos_eot_inf=False,
+                     chat=False, seed=1234):
+            super().__init__()
+            self.model, self.tok, self.ids, self._device = model, tok, ids, device
+            self.mc_num, self.mc_batch, self.cfg, self.seed = mc_num, mc_batch, cfg, seed
+            self.gen = dict(gen_length=gen_length, steps=steps, block_length=block_length,
+                            logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf)
+            self.batch_size, self.chat, self.truncated = batch_size, chat, 0
+            self.eot = tok.token_to_id("<|eot_id|>")
+            ready = dist.is_available() and dist.is_initialized()
+            self._rank, self._world_size = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+
+        # -- loglikelihood
+
+        def encode_pair(self, context, continuation):
+            """Trailing spaces of the context move to the continuation; the continuation's ids are
+            what encoding both adds to the context's (lm-eval's and LLaDA's convention)."""
+            n = len(context) - len(context.rstrip())
+            if n:
+                context, continuation = context[:-n], context[-n:] + continuation
+            ctx = self.tok.encode(context, add_special_tokens=False).ids if context else []
+            whole = self.tok.encode(context + continuation, add_special_tokens=False).ids
+            return ctx, whole[len(ctx):]
+
+        def model_fn(self, is_prompt):
+            """Logits at the masked positions of xt; with --cfg, guided against the prompt masked too."""
+            def fn(xt):
+                masked = xt == self.model.cfg.mask_id
+                if self.cfg == 0:
+                    return self.model(xt, output_mask=masked)
+                unconditional = xt.masked_fill(is_prompt, self.model.cfg.mask_id)
+                cond, uncond = self.model(torch.cat([xt, unconditional]),
+                                          output_mask=torch.cat([masked, masked])).chunk(2)
+                return uncond + (self.cfg + 1) * (cond - uncond)
+            return fn
+
+        @torch.no_grad()
+        def log_likelihood(self, context_ids, answer_ids):
+            """log p(answer | context) ~ -|answer| x the mean of masking's per-draw bound (each draw masks
+            l of the answer's tokens, l stratified over 1..|answer|, and averages their CE): LLaDA's
+            Monte Carlo estimator. One draw for a one-token answer, where it is exact."""
+            x0 = torch.tensor(context_ids + answer_ids, device=self.device)[None]
+            answer = torch.zeros_like(x0, dtype=torch.bool)
+            answer[0, len(context_ids):] = True
+            key = hashlib.sha1(json.dumps([context_ids, answer_ids]).encode()).digest()
+            g = torch.Generator(self.device).manual_seed(self.seed + int.from_bytes(key[:6], "little"))
+            draws = 1 if len(answer_ids) == 1 else self.mc_num
+            total = 0.0
+            for start in range(0, draws, self.mc_batch):
+                n = min(self.mc_batch, draws - start)
+                _, nll = masking.elbo_terms(self.model_fn(~answer.expand(n, -1)), x0, self.model.cfg.mask_id,
+                                            n_t=n, maskable=answer, generator=g)
+                total += nll.double().sum().item()
+            return -len(answer_ids) * total / draws
+
+        def loglikelihood(self, requests):
+            out, block = [], self.model.cfg.block_size
+            for req in requests:
+                ctx, ans = self.encode_pair(*req.args)
+                if len(ans) >= block:
+                    raise ValueError(f"an answer of {len(ans)} tokens does not fit the model's block of {block}")
+                if len(ctx) + len(ans) > block:                     # keep the context's end, and count it
+                    ctx, self.truncated = ctx[len(ctx) + len(ans) - block:], self.truncated + 1
+                out.append((self.log_likelihood(ctx, ans), False))  # greedy check: LLaDA's default skips it
+            return out
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError("perplexity tasks (loglikelihood_rolling) are not among the paper's")
+
+        # -- generation
+
+        def prompt_ids(self, context):
+            return self.tok.encode(context, add_special_tokens=False).ids
+
+        @torch.no_grad()
+        def generate_until(self, requests):
+            """Prompts in batches of batch_size (sorted by length, left-padded, with an attention mask),
+            each answer cut at EOS / end-of-turn and then at the task's first stop sequence."""
+            prompts = [self.prompt_ids(req.args[0]) for req in requests]
+            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+            out = [None] * len(requests)
+            room = self.model.cfg.block_size - self.gen["gen_length"]
+            if room <= 0:
+                raise ValueError(f"--gen-length {self.gen['gen_length']} leaves no room for a prompt in the "
+                                 f"model's block of {self.model.cfg.block_size} tokens")
+            self.truncated += sum(len(p) > room for p in prompts)
+            for b in range(0, len(order), self.batch_size):
+                idx = order[b:b + self.batch_size]
+                rows = [prompts[i][-room:] for i in idx]
+                width = max(len(r) for r in rows)
+                x = torch.full((len(rows), width), self.ids["eos"], dtype=torch.long)
+                attention = torch.zeros((len(rows), width), dtype=torch.long)
+                for j, r in enumerate(rows):
+                    x[j, width - len(r):] = torch.tensor(r)
+                    attention[j, width - len(r):] = 1
+                y = model_lib.generate(self.model, x.to(self.device), mask_id=self.model.cfg.mask_id,
+                                       attention_mask=attention.to(self.device), cfg_scale=self.cfg,
+                                       eos_id=self.ids["eos"], eot_id=self.eot, **self.gen)[:, width:]
+                for j, i in enumerate(idx):
+                    out[i] = self.cut(y[j].tolist(), requests[i].args[1].get("until") or [])
+            return out
+
+        def cut(self, ids, until):
+            stop = [k for k, t in enumerate(ids) if t in (self.ids["eos"], self.eot)]
+            text = self.tok.decode(ids[:stop[0]] if stop else ids, skip_special_tokens=True)
+            for s in [until] if isinstance(until, str) else until:
+                if s and s in text:
+                    text = text.split(s)[0]
+            return text
+
+        def apply_chat_template(self, chat_history, add_generation_prompt=True):
+            """LLaDA's chat template (its tokenizer_config.json), as text."""
+            text = "<|startoftext|>" + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+                                               f"{m['content'].strip()}<|eot_id|>" for m in chat_history)
+            return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+        @property
+        def tokenizer_name(self):
+            return "llada"
+
+        # -- data parallelism (lm-eval calls these when world_size > 1)
+
+        def all_gather(self, tensor):
+            parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+            dist.all_gather(parts, tensor)
+            return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+        def gather_object(self, obj, dst=0):
+            parts = [None] * self.world_size if self.rank == dst else None
+            dist.gather_object(obj, parts, dst=dst)
+            return parts
+
+        def barrier(self):
+            dist.barrier()
+
+    return MaskedDiffusionLM
+
+
+def load_model(checkpoint, device, dtype):
+    """A LLaDA-format folder (or Hub id) as a plain (unsharded) model on `device`, with its tokenizer."""
+    folder = model_lib.checkpoint_folder(checkpoint)
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no config.json in {folder}")
+    with open(path) as f:
+        mc = model_lib.config_from_json(json.load(f))
+    with torch.device("meta"):
+        m = model_lib.Transformer(mc)
+    model_lib.load_safetensors(m, folder)
+    tok = pt.load_tokenizer(folder)
+    ids = pt.token_ids(tok, mc)
+    return m.to(device=device, dtype=dtype).eval(), tok, ids
+
+
+# ----------------------------------------------------------------------------- tasks over local files
+
+def local_tasks(data_dir, out_dir):
+    """lm-eval task definitions over the local copies in `data_dir` (the layout of shared/data/evals),
+    written as YAML into OUT_DIR/tasks for lm-eval's include_path. Each includes lm-eval's own task
+    (its prompt, few-shot sampler and scoring) and overrides only where the data come from.
+    Returns {our name: local lm-eval task name}."""
+    import yaml
+    from lm_eval import tasks as lm_tasks
+    builtin = os.path.dirname(lm_tasks.__file__)
+    folder = os.path.join(out_dir, "tasks")
+    os.makedirs(folder, exist_ok=True)
+
+    def need(*parts):
+        path = os.path.join(data_dir, *parts)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--data-dir {data_dir} lacks {os.path.join(*parts)}")
+        return os.path.abspath(path)
+
+    def write(name, config):
+        with open(os.path.join(folder, name + ".yaml"), "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+
+    local = lambda path, split="test": dict(dataset_path="json", dataset_name=None,
+                                           dataset_kwargs=dict(data_files={split: path}))
+    makers = {
+        "arc_easy": lambda: write("arc_easy_local", dict(
+            include=os.path.join(builtin, "arc", "arc_easy.yaml"), task="arc_easy_local", tag=[],
+            training_split=None, validation_split=None, **local(need("arc_easy", "ARC-Easy-test.jsonl")))),
+        "arc_challenge": lambda: write("arc_challenge_local", dict(
+            include=os.path.join(builtin, "arc", "arc_easy.yaml"), task="arc_challenge_local", tag=[],
+            training_split=None, validation_split=None, **local(need("arc_challenge", "ARC-Challenge-test.jsonl")))),
+        # the local copy is already preprocessed as lm-eval's process_docs would (query, endings, label)
+        "hellaswag": lambda: write("hellaswag_local", dict(
+            include=os.path.join(builtin, "hellaswag", "hellaswag.yaml"), task="hellaswag_local", tag=[],
+            process_docs=None, training_split=None, doc_to_choice="{{endings}}",
+            **local(need("hellaswag", "hellaswag_val_first1000.jsonl"), "validation"))),
+        "gsm8k": lambda: write("gsm8k_local", dict(
+            include=os.path.join(builtin, "gsm8k", "gsm8k.yaml"), task="gsm8k_local", tag=[], dataset_path="json",
+            dataset_name=None, dataset_kwargs=dict(data_files=dict(train=need("gsm8k", "train.jsonl"),
+                                                                   test=need("gsm8k", "test.jsonl"))))),
+        # all 5,000 problems in one task: the same mean as minerva_math's size-weighted group
+        "math": lambda: write("minerva_math_local", dict(
+            include=os.path.join(builtin, "minerva_math", "minerva_math_algebra.yaml"), task="minerva_math_local",
+            tag=[], training_split=None, **local(need("math", "MATH-test.jsonl")))),
+        "gpqa": lambda: write("gpqa_main_n_shot_local", dict(
+            include=os.path.join(builtin, "gpqa", "n_shot", "gpqa_main_n_shot.yaml"), task="gpqa_main_n_shot_local",
+            tag=[], dataset_path="csv", dataset_name=None,
+            dataset_kwargs=dict(data_files=dict(train=need("gpqa", "gpqa_main.csv"))))),
+        "mmlu": lambda: mmlu_tasks(builtin, need("mmlu", "test"), need("mmlu", "dev"), write),
+    }
+    makers["mmlu_stem"] = makers["mmlu"]
+    names = dict(arc_easy="arc_easy_local", arc_challenge="arc_challenge_local", hellaswag="hellaswag_local",
+                 gsm8k="gsm8k_local", math="minerva_math_local", gpqa="gpqa_main_n_shot_local", mmlu="mmlu_local",
+                 mmlu_stem="mmlu_stem_local")
+    return makers, names, folder
+
+
+def mmlu_tasks(builtin, test_dir, dev_dir, write):
+    """MMLU's 57 subjects over test/<subject>_test.csv and dev/<subject>_dev.csv (columns question,
+    choice0..3, answer as 0-3), grouped as lm-eval groups them (mmlu_local, mmlu_stem_local, ...)."""
+    import yaml
+    default = os.path.join(builtin, "mmlu", "default")
+    groups = {}
+    for name in sorted(os.listdir(default)):
+        if not (name.startswith("mmlu_") and name.endswith(".yaml")):
+            continue
+        with open(os.path.join(default, name)) as f:
+            sub = yaml.safe_load(f)
+        subject = sub["dataset_name"]
+        tag = sub["tag"].replace("_tasks", "_local_tasks")
+        groups.setdefault(tag, [])
+        test, dev = os.path.join(test_dir, f"{subject}_test.csv"), os.path.join(dev_dir, f"{subject}_dev.csv")
+        for path in (test, dev):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"--data-dir lacks mmlu/{os.path.basename(os.path.dirname(path))}/"
+                                        f"{os.path.basename(path)}")
+        write(f"mmlu_{subject}_local", dict(
+            include=os.path.join(default, name), task=f"mmlu_{subject}_local", tag=tag, dataset_path="csv",
+            dataset_name=None, dataset_kwargs=dict(data_files=dict(test=test, dev=dev)),
+            doc_to_text="{{question.strip()}}\nA. {{choice0}}\nB. {{choice1}}\nC. {{choice2}}\nD. {{choice3}}\n"
+                        "Answer:"))
+    for tag in groups:
+        category = tag.removesuffix("_local_tasks")                 # mmlu_stem, mmlu_humanities, ...
+        write(category + "_local", dict(group=category + "_local", task=[tag],
+                                        aggregate_metric_list=[dict(metric="acc", weight_by_size=True)]))
+    write("mmlu_local", dict(group="mmlu_local", task=[t.removesuffix("_tasks") for t in sorted(groups)],
+                             aggregate_metric_list=[dict(metric="acc", weight_by_size=True)]))
+
+
+# ----------------------------------------------------------------------------- running and reporting
+
+def evaluate(lm, tasks, a, out_dir):
+    """Each task through lm_eval.simple_evaluate with its own settings; returns {task: metrics}."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    names, manager = {t: TASKS[t]["lm_eval"] for t in tasks}, None
+    if a.data_dir:
+        makers, local_names, folder = local_tasks(a.data_dir, out_dir)
+        for t in tasks:
+            makers[t]()
+            names[t] = local_names[t]
+        manager = TaskManager(include_path=folder)
+    results = {}
+    for t in tasks:
+        s = TASKS[t]
+        lm.cfg = s["cfg"] if a.cfg is None else a.cfg
+        lm.mc_num = s.get("mc_num", 128) if a.mc_num is None else a.mc_num
+        for flag in ("logits_eos_inf", "confidence_eos_eot_inf"):
+            lm.gen[flag] = s.get(flag, False) if getattr(a, flag) is None else getattr(a, flag)
+        fewshot = s["fewshot"] if a.num_fewshot is None else a.num_fewshot
+        start, lm.truncated = time.time(), 0
+        out = lm_eval.simple_evaluate(model=lm, tasks=[names[t]], num_fewshot=fewshot, limit=a.limit,
+                                      task_manager=manager, log_samples=False, apply_chat_template=a.chat,
+                                      random_seed=1234, numpy_random_seed=1234, torch_random_seed=1234,
+                                      fewshot_random_seed=1234)
+        if out is None:          # not rank 0
+            continue
+        metrics = out["results"][names[t]]
+        results[t] = dict(lm_eval_task=names[t], num_fewshot=fewshot, cfg=lm.cfg, mc_num=lm.mc_num,
+                          seconds=round(time.time() - start, 1), contexts_cut_to_fit=lm.truncated,
+                          metric=s["metric"], value=metrics.get(s["metric"]),
+                          metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                          **{k: lm.gen[k] for k in ("logits_eos_inf", "confidence_eos_eot_inf")})
+        raw = dict(results=out["results"], configs=out.get("configs"), versions=out.get("versions"))
+        common.write_json(os.path.join(out_dir, f"lm_eval_{t}.json"), json.loads(json.dumps(raw, default=str)))
+        print(f"{t}: {s['metric']} = {metrics.get(s['metric'])}" + (
+            f" ({lm.truncated} contexts cut to fit the model's block of {lm.model.cfg.block_size})"
+            if lm.truncated else ""), flush=True)
+    return results
+
+
+def markdown(results, table, checkpoint, limit):
+    """results.md: our numbers beside the paper's rows of the table (paper numbers are the paper's)."""
+    tasks = list(results)
+    rows = PAPER.get(table, {})
+    lines = [f"Checkpoint `{checkpoint}`" + (f", first {limit} items per task" if limit else "") + ".", "",
+             "| | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|",
+             "| **ours** | " + " | ".join(f"{results[t]['value']:.3f}" if results[t]["value"] is not None else "—"
+                                         for t in tasks) + " |"]
+    for label, values in rows.items():
+        lines.append(f"| paper: {label} | " + " | ".join(f"{values[t]:.3f}" if t in values else "—" for t in tasks)
+                     + " |")
+    lines += ["", "Metrics: " + ", ".join(f"{t} {results[t]['metric']}" for t in tasks) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def benchmark(a, device):
+    """Tokens/s of model.generate at --gen-length / --steps, batch 1 and batch --batch-size, on a
+    randomly initialised model of --preset (the 8B architecture on a GPU)."""
+    mc = model_lib.get_config(a.preset)
+    if not a.preset.startswith("llada"):
+        mc = model_lib.get_config(a.preset, vocab_size=256 + len(pt.SPECIALS), mask_id=257,
+                                  block_size=a.prompt_length + a.gen_length)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.device(device):
+        m = model_lib.Transformer(mc).to(dtype).eval()
+    out = {}
+    for batch in sorted({1, a.batch_size}):
+        prompt = torch.randint(0, 256, (batch, a.prompt_length), device=device)
+        kw = dict(mask_id=mc.mask_id, gen_length=a.gen_length, steps=a.steps, block_length=a.block_length)
+        model_lib.generate(m, prompt, **{**kw, "gen_length": a.block_length, "steps": 1})      # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.time()
+        model_lib.generate(m, prompt, **kw)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.time() - start
+        out[batch] = dict(seconds=seconds, tokens_per_sec=batch * a.gen_length / seconds)
+        print(f"{a.preset} on {device}: batch {batch}, prompt {a.prompt_length}, {a.gen_length} tokens in {a.steps} "
+              f"steps (block {a.block_length}): {seconds:.2f}s, {batch * a.gen_length / seconds:,.1f} tokens/s",
+              flush=True)
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Evaluation'.")
+    p.add_argument("--checkpoint", default=pt.LLADA, help="LLaDA-format folder or Hub id (%(default)s)")
+    p.add_argument("--table", type=int, choices=sorted(TABLES), default=None,
+                   help="the tasks of the paper's Table 1, 2 or 3 (else --tasks)")
+    p.add_argument("--tasks", default=None, help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--data-dir", default=None, help="local task data in the layout of shared/data/evals (no download)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="override LLaDA's few-shot count")
+    p.add_argument("--mc-num", type=int, default=None, help="Monte Carlo draws per answer (LLaDA: 128; 1 for MMLU)")
+    p.add_argument("--mc-batch", type=int, default=32, help="draws per forward (%(default)s)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (LLaDA's per task)")
+    p.add_argument("--gen-length", type=int, default=512, help="generated tokens (§F.6: %(default)s)")
+    p.add_argument("--steps", type=int, default=512, help="sampling steps (§F.6: %(default)s)")
+    p.add_argument("--block-length", type=int, default=512, help="semi-autoregressive block (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (%(default)s)")
+    p.add_argument("--logits-eos-inf", action=argparse.BooleanOptionalAction, default=None,
+                   help="EOS never predicted (default: on for gsm8k, math)")
+    p.add_argument("--confidence-eos-eot-inf", action=argparse.BooleanOptionalAction, default=None,
+                   help="EOS / end-of-turn never the most confident pick (default: on for gsm8k, math)")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in LLaDA's chat template (instruct models)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (%(default)s)")
+    p.add_argument("--out-dir", default="out/eval", help="lm-eval JSON per task, results.md, summary.json "
+                                                          "(%(default)s)")
+    p.add_argument("--seed", type=int, default=1234, help="(%(default)s)")
+    p.add_argument("--benchmark", action="store_true", help="tokens/s of generate on a random model of --preset")
+    p.add_argument("--preset", default="tiny", choices=sorted(model_lib.PRESETS), help="--benchmark model (%(default)s)")
+    p.add_argument("--prompt-length", type=int, default=64, help="--benchmark prompt tokens (%(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    device = common.pick_device(a.device)
+    if a.benchmark:
+        return benchmark(a, device)
+    tasks = TABLES[a.table] if a.table else [t.strip() for t in (a.tasks or "").split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("give --table 1|2|3 or --tasks")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    if a.data_dir and not os.path.isdir(a.data_dir):
+        raise FileNotFoundError(f"--data-dir {a.data_dir} is not a folder")
+    if a.gen_length % a.block_length or a.steps % (a.gen_length // a.block_length):
+        raise ValueError("--gen-length must be a multiple of --block-length, and --steps of the number of blocks")
+    LM = lm_eval_class()
+    rank, world, device = pt.setup_distributed(device)
+    try:
+        pt.on_every_rank(lambda: common.prepare_out_dir(a.out_dir) if rank == 0 else None, device)
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        m, tok, ids = pt.on_every_rank(load_model, device, a.checkpoint, device, dtype)
+        lm = LM(m, tok, ids, device, mc_batch=a.mc_batch, gen_length=a.gen_length, steps=a.steps,
+                block_length=a.block_length, batch_size=a.batch_size, chat=a.chat, seed=a.seed)
+        results = evaluate(lm, tasks, a, a.out_dir)
+        if rank == 0:
+            common.write_json(os.path.join(a.out_dir, "summary.json"),
+                              dict(checkpoint=a.checkpoint, table=a.table, limit=a.limit, world_size=world,
+                                   settings=vars(a), results=results))
+            with open(os.path.join(a.out_dir, "results.md"), "w") as f:
+                f.write(markdown(results, a.table, a.checkpoint, a.limit))
+            print(f"wrote {a.out_dir}/summary.json, results.md, lm_eval_*.json")
+    finally:
+        pt.teardown()
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

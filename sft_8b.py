@@ -1,0 +1,301 @@
+"""
+Supervised fine-tuning of LLaDA-8B-Base on tulu-3 personas math, with the paper's mask-ratio
+intervals (paper §5.2.2, App. F.5-F.6; Table 4's hyper-parameters are the defaults).
+
+    torchrun --nproc_per_node=8 sft_8b.py                               # t ~ U[0, 1], the standard recipe
+    torchrun --nproc_per_node=8 sft_8b.py --preset t0.45-0.55           # the signal-rich window (Table 2)
+    torchrun --nproc_per_node=8 sft_8b.py --preset t0.5-1               # Table 3's best for GSM8K / MATH
+    torchrun --nproc_per_node=2 sft_8b.py --preset tiny --device cpu --data rows.jsonl --max-steps 4
+
+Each row's `messages` go through LLaDA's chat template; the last assistant turn is the answer.
+The prompt is never masked (t ~ U[t0, t1] masks answer positions only, LLaDA §2.3); each row
+is right-padded with EOS to the block and the padding counts as answer, so the model learns
+to stop; the loss is normalised per row by its answer length (LLaDA Eq. 5).
+
+Distributed setup, FSDP2, the training loop, checkpoints and export are pretrain_8b.py's.
+"""
+import argparse
+import os
+import sys
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+import common
+import masking
+import model as model_lib
+import pretrain_8b as pt
+
+TULU = "allenai/tulu-3-sft-personas-math-filtered"
+
+
+@dataclass
+class SFTConfig:
+    init: str = pt.LLADA              # Hub id or LLaDA-format folder (a pretrain_8b.py export too); "" = scratch
+    model: str = "tiny"               # model.py preset when --init is ""
+    dataset: str = TULU               # Hub dataset with a `messages` column; --data reads a local jsonl instead
+    data: str = ""
+    tokenizer: str = ""               # default: --init's tokenizer.json (bytes when training from scratch)
+    block_size: int = 1024
+    batch_size: int = 256             # rows per optimizer step, all GPUs together (Table 4)
+    micro_batch: int = 4
+    max_steps: int = 1200             # ~4 epochs of the 80.5k rows (§5.2.2)
+    lr: float = 2e-5
+    min_lr: float = 2e-6
+    warmup: int = 160
+    schedule: str = "wsd"             # LLaDA's SFT: warm-up, constant, linear decay over the last 10%
+    decay_frac: float = 0.1
+    weight_decay: float = 0.0
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    t0: float = 0.0
+    t1: float = 1.0
+    eval_every: int = 100
+    eval_rows: int = 256              # the first usable rows, held out: their answers' full-range bound
+    eval_draws: int = 4
+    eval_batch: int = 4
+    log_every: int = 10
+    save_every: int = 200
+    keep: int = 2
+    grad_checkpoint: bool = True
+    export_dtype: str = "bfloat16"
+    seed: int = 0
+
+
+# The paper's interval ablations (Tables 2-3) on Table 4's settings; --t0/--t1 set any other.
+INTERVALS = {"t0-1": (0.0, 1.0), "t0.45-0.55": (0.45, 0.55), "t0.2-1": (0.2, 1.0), "t0.3-1": (0.3, 1.0),
+             "t0.5-1": (0.5, 1.0)}
+PRESETS = {name: dict(t0=t0, t1=t1) for name, (t0, t1) in INTERVALS.items()}
+# seconds on a laptop CPU: a tiny model from scratch (or --init a tiny pretrain_8b.py export), bytes
+PRESETS["tiny"] = dict(init="", model="tiny", block_size=64, batch_size=8, micro_batch=2, max_steps=20, lr=3e-3,
+                       min_lr=3e-4, warmup=2, eval_every=10, eval_rows=8, eval_draws=4, eval_batch=4, log_every=1,
+                       save_every=5, export_dtype="float32")
+
+
+# ----------------------------------------------------------------------------- chat format
+
+def chat_ids(tok, messages):
+    """LLaDA's chat template (its tokenizer_config.json): BOS, then per message
+    <|start_header_id|>role<|end_header_id|>\\n\\n content.strip() <|eot_id|>. The prompt is every
+    turn before the last assistant turn plus the assistant header; the answer is that turn's
+    content and <|eot_id|>. Returns (prompt ids, answer ids); a malformed conversation raises
+    ValueError saying how."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in messages):
+        raise ValueError("`messages` is not a list of {role, content}")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ValueError("no assistant turn")
+    turn = lambda m: f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{str(m['content']).strip()}<|eot_id|>"
+    prompt = "<|startoftext|>" + "".join(turn(m) for m in messages[:last]) + \
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    answer = str(messages[last]["content"]).strip() + "<|eot_id|>"
+    p = tok.encode(prompt, add_special_tokens=False).ids
+    whole = tok.encode(prompt + answer, add_special_tokens=False).ids
+    return p, whole[len(p):]
+
+
+def encode_rows(rows, tok, eos, block):
+    """Every usable row as (ids, answer mask), both `block` long: prompt, answer, EOS padding (part of
+    the answer). Malformed rows are skipped and counted by reason, with the first row of each reason."""
+    ids, masks, skipped = [], [], {}
+    for n, row in enumerate(rows):
+        try:
+            if row.get("messages") is None:
+                raise ValueError("no `messages`")
+            p, a = chat_ids(tok, row["messages"])
+            if len(p) >= block:
+                raise ValueError(f"prompt longer than the block of {block}")
+            if len(p) + len(a) > block:
+                raise ValueError(f"prompt and answer longer than the block of {block}")
+        except ValueError as e:
+            first, count = skipped.get(str(e), (n, 0))
+            skipped[str(e)] = (first, count + 1)
+            continue
+        ids.append(p + a + [eos] * (block - len(p) - len(a)))
+        masks.append([False] * len(p) + [True] * (block - len(p)))
+    return torch.tensor(ids, dtype=torch.long).view(-1, block), torch.tensor(masks).view(-1, block), skipped
+
+
+def load_rows(cfg):
+    """The SFT rows: a local jsonl (--data) or the Hub dataset, each a dict with `messages`."""
+    import datasets
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)      # we report a bad file ourselves
+    datasets.disable_progress_bars()
+    if cfg.data:
+        if not os.path.exists(cfg.data):
+            raise FileNotFoundError(f"--data {cfg.data} does not exist")
+        try:
+            return datasets.load_dataset("json", data_files=[cfg.data], split="train")
+        except Exception as e:
+            raise ValueError(f"could not read --data {cfg.data} as jsonl ({type(e).__name__})") from None
+    try:
+        return datasets.load_dataset(cfg.dataset, split="train")
+    except Exception as e:
+        raise ValueError(f"could not load {cfg.dataset} from the Hub ({type(e).__name__}); offline, pass --data "
+                         f"with a local jsonl of rows with `messages`") from None
+
+
+class Rows:
+    """The global batch of step s is rows s*B .. (s+1)*B - 1 of an endless sequence of epochs, each a
+    permutation of the training rows seeded by (seed, epoch); slot j takes its micro_batch of them.
+    Same rows and masks at any world size; its state is only its mask generator (the step is saved)."""
+
+    def __init__(self, ids, masks, index, cfg, device):
+        self.ids, self.masks, self.index, self.cfg = ids, masks, index, cfg
+        self.gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + index)
+        self.epoch, self.perm = None, None
+
+    def order(self, epoch):
+        if epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+            self.epoch, self.perm = epoch, torch.randperm(len(self.ids), generator=g)
+        return self.perm
+
+    def batch(self, step):
+        n, m = len(self.ids), self.cfg.micro_batch
+        at = torch.arange(m) + step * self.cfg.batch_size + self.index * m
+        rows = torch.stack([self.order(int(e))[r] for e, r in zip(at // n, at % n)])
+        return self.ids[rows], self.masks[rows]
+
+    def state_dict(self):
+        return dict(gen=self.gen.get_state())
+
+    def load_state_dict(self, s):
+        self.gen.set_state(s["gen"])
+
+
+# ----------------------------------------------------------------------------- model
+
+def init_config(cfg, ids):
+    """The model to fine-tune: --init's config.json, or a model.py preset when training from scratch."""
+    if not cfg.init:
+        return pt.model_config(cfg.model, ids, block_size=cfg.block_size, grad_checkpoint=cfg.grad_checkpoint)
+    import json
+    folder = model_lib.checkpoint_folder(cfg.init)
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--init {cfg.init}: no config.json in {folder}")
+    with open(path) as f:
+        mc = model_lib.config_from_json(json.load(f))
+    if cfg.block_size > mc.block_size:
+        raise ValueError(f"--block-size {cfg.block_size} exceeds --init's max_sequence_length {mc.block_size}")
+    if ids["vocab"] > mc.vocab_size:
+        raise ValueError(f"the tokenizer has {ids['vocab']:,} ids; the --init model only {mc.vocab_size:,}")
+    masking.check_mask_id(ids["mask"], ids["vocab"], mc.vocab_size, ids["special"])
+    return replace(mc, mask_id=ids["mask"], grad_checkpoint=cfg.grad_checkpoint)
+
+
+def tokenizer_source(cfg):
+    if cfg.tokenizer or not cfg.init:
+        return cfg.tokenizer
+    return model_lib.checkpoint_folder(cfg.init) if os.path.exists(cfg.init) else cfg.init
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, export_dir=None, plot=False):
+    """One SFT run under torchrun (or as a world of one); returns the summary on rank 0."""
+    rank, world, device = pt.setup_distributed(device)
+    pt.check_config(cfg, world)
+    pt.on_every_rank(lambda: common.prepare_out_dir(out_dir) if rank == 0 else None, device)
+    tok = pt.on_every_rank(pt.load_tokenizer, device, tokenizer_source(cfg))
+    ids = pt.token_ids(tok)
+    if ids["bos"] is None:
+        raise ValueError("the tokenizer has no <|startoftext|> (BOS), which LLaDA's chat template starts with")
+    model_cfg = pt.on_every_rank(init_config, device, cfg, ids)
+    rows = pt.on_every_rank(load_rows, device, cfg)
+    all_ids, all_masks, skipped = encode_rows(rows, tok, ids["eos"], cfg.block_size)
+    if len(all_ids) <= cfg.eval_rows:
+        raise ValueError(f"{cfg.data or cfg.dataset}: {len(all_ids)} usable rows, not more than the "
+                         f"{cfg.eval_rows} held out (--eval-rows); skipped: {describe_skipped(skipped) or 'none'}")
+    eval_ids, eval_masks = all_ids[:cfg.eval_rows], all_masks[:cfg.eval_rows]
+    train_ids, train_masks = all_ids[cfg.eval_rows:], all_masks[cfg.eval_rows:]
+    n_slots = cfg.batch_size // cfg.micro_batch
+    slots = {i: Rows(train_ids, train_masks, i, cfg, device) for i in range(rank, n_slots, world)}
+    model = pt.build_model(model_cfg, device, cfg.seed, mixed_precision=device.startswith("cuda"),
+                           compile_model=compile_model)
+    if cfg.init:
+        pt.on_every_rank(model_lib.load_safetensors, device, model, cfg.init)
+    opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
+    latest = pt.checkpoints(out_dir)[-1] if resume and pt.checkpoints(out_dir) else None
+    step, history, seconds = pt.resume_from(latest, model, opt, slots, n_slots, device)
+    log = pt.Logger(out_dir, rank == 0)
+    log(f"resumed {latest} at step {step}" if latest else
+        f"SFT {pt.describe(cfg)} from {cfg.init or 'scratch (' + cfg.model + ')'}: {model.num_params():,} parameters, "
+        f"{len(train_ids):,} training rows ({len(eval_ids)} held out), batch {cfg.batch_size} x {cfg.block_size} "
+        f"({n_slots // world} x {cfg.micro_batch} x {world} GPUs), {cfg.max_steps} steps on {device}")
+    if skipped:
+        log(f"skipped {sum(c for _, c in skipped.values())} malformed rows: {describe_skipped(skipped)}",
+            skipped={k: c for k, (_, c) in skipped.items()})
+    history, seconds = pt.train_loop(cfg, model, opt, slots, lambda s: [slots[i].batch(s) for i in sorted(slots)],
+                                     lambda: pt.heldout_nll(model, eval_ids, cfg, device, maskable=eval_masks),
+                                     out_dir, device, pt.loss_ce(compile_model), log, step, history, seconds)
+    return pt.finish(cfg, model, out_dir, export_dir, tok, ids, history, seconds, plot)
+
+
+def describe_skipped(skipped):
+    return "; ".join(f"{count} with {why} (first: row {first})" for why, (first, count) in skipped.items())
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Fine-tuning'.")
+    common.add_common_args(p, presets=PRESETS, preset="t0-1", t0=None, t1=None, out_dir="out/sft",
+                           resume_help="continue from the newest complete checkpoint in OUT_DIR",
+                           dry_run_help="print the plan (parameters, FLOPs, memory per GPU, time) and exit")
+    for f in fields(SFTConfig):
+        if f.name in ("t0", "t1", "seed", "max_steps"):
+            continue
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, **kind, help=f"(Table 4: {f.default!r})")
+    p.add_argument("--export", default=None, metavar="DIR", help="the LLaDA-format export (default OUT_DIR/export)")
+    p.add_argument("--plot-runs", nargs="+", default=None, metavar="RUN_DIR",
+                   help="the held-out answer NLL of finished runs, one figure: OUT_DIR/heldout_nll_runs.png")
+    p.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for (default 8)")
+    p.add_argument("--plan-mfu", type=float, default=0.40, help="--dry-run: MFU to time the run at (%(default)s)")
+    return p.parse_args(argv)
+
+
+def config_from_args(a):
+    values = dict(PRESETS[a.preset])
+    values.update({f.name: getattr(a, f.name) for f in fields(SFTConfig)
+                   if f.name not in ("seed", "max_steps") and getattr(a, f.name, None) is not None})
+    values["seed"] = a.seed
+    if a.max_steps is not None:
+        values["max_steps"] = a.max_steps
+    return SFTConfig(**values)
+
+
+def main(argv=None):
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = config_from_args(a)
+    masking.check_interval(cfg.t0, cfg.t1)
+    if a.plot_runs:
+        common.prepare_out_dir(a.out_dir)
+        pt.plot_runs(a.plot_runs, os.path.join(a.out_dir, "heldout_nll_runs.png"))
+        print(f"wrote {a.out_dir}/heldout_nll_runs.png")
+        return
+    if a.dry_run:
+        world = a.world_size or int(os.environ.get("WORLD_SIZE", "8"))
+        pt.check_config(cfg, world)
+        preset = "llada-8b" if cfg.init else cfg.model
+        plan_cfg = pt.PretrainConfig(model=preset, block_size=cfg.block_size, batch_size=cfg.batch_size,
+                                     micro_batch=cfg.micro_batch, max_steps=cfg.max_steps, t0=cfg.t0, t1=cfg.t1)
+        pt.plan(plan_cfg, world, a.plan_mfu, paper_hours=6 if preset == "llada-8b" else None)
+        return
+    device = common.pick_device(a.device)
+    try:
+        summary = train(cfg, a.out_dir, device=device, resume=a.resume, compile_model=a.compile,
+                        export_dir=a.export, plot=a.plot)
+        if summary:
+            print(f"SFT {pt.describe(cfg)}: held-out answer NLL {summary['test_loss']:.4f} nats/token after "
+                  f"{summary['steps']} steps ({summary['seconds']:.0f}s); wrote {a.out_dir}/summary.json, "
+                  f"{a.export or os.path.join(a.out_dir, 'export')}")
+    finally:
+        pt.teardown()
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
