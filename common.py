@@ -35,6 +35,25 @@ def add_common_args(p, *, presets, preset, t0=0.0, t1=1.0, max_steps=None, out_d
     return p
 
 
+def add_config_args(p, cls, describe, skip=("t0", "t1", "seed", "max_steps")):
+    """A --flag for every field of a settings dataclass (the shared ones come from add_common_args);
+    None means "not given", so the preset's value stands. describe(field) is the help text."""
+    from dataclasses import fields
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, **kind, help=describe(f))
+
+
+def config_from_args(a, cls, presets):
+    """The settings of a run: the preset's, then every flag the user gave."""
+    from dataclasses import fields
+    values = dict(presets[a.preset])
+    values.update({f.name: getattr(a, f.name) for f in fields(cls) if getattr(a, f.name, None) is not None})
+    return cls(**values)
+
+
 def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -29,7 +29,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -536,12 +536,8 @@ def parse_args(argv=None):
                  "threads": "torch CPU threads (0 = default)",
                  "tie_head": "transformer: output head tied to the token embedding",
                  "grad_clip": "clip the gradient norm to this (0: never)"}
-    for f in fields(ParityConfig):
-        if f.name in ("t0", "t1", "seed", "max_steps"):
-            continue
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
-        p.add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
-                       help=f"{flag_help.get(f.name, '')} (mlp preset: {PRESETS['mlp'].get(f.name, f.default)!r})")
+    common.add_config_args(p, ParityConfig, lambda f: f"{flag_help.get(f.name, '')} (mlp preset: "
+                                                      f"{PRESETS['mlp'].get(f.name, f.default)!r})")
     p.add_argument("--compare", action="store_true", help="Fig. 2/6: label and md over --intervals and --seeds")
     p.add_argument("--intervals", type=float, nargs="+", default=[0.1, 0.2, 0.246, 0.3, 0.4, 1.0],
                    help="--compare: upper ends t1 of U[0, t1] (%(default)s)")
@@ -553,19 +549,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def config_from_args(a):
-    values = dict(PRESETS[a.preset])
-    values.update({f.name: getattr(a, f.name) for f in fields(ParityConfig)
-                   if f.name not in ("t0", "t1", "seed", "max_steps") and getattr(a, f.name) is not None})
-    values.update(t0=a.t0, t1=a.t1, seed=a.seed)
-    if a.max_steps is not None:
-        values["max_steps"] = a.max_steps
-    return ParityConfig(**values)
-
-
 def main(argv=None):
     a = parse_args(argv)
-    cfg = config_from_args(a)
+    cfg = common.config_from_args(a, ParityConfig, PRESETS)
     check_config(cfg)
     device = common.pick_device(a.device)
     if not a.dry_run:

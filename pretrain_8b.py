@@ -26,7 +26,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -796,42 +796,33 @@ def benchmark(cfg, device, compile_model, layers, steps=10, warmup=3):
 
 # ----------------------------------------------------------------------------- command line
 
+def add_run_args(p, figure):
+    """The flags pretrain_8b.py and sft_8b.py add to the shared vocabulary."""
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="write the LLaDA-format export here at the end of the run (default OUT_DIR/export)")
+    p.add_argument("--plot-runs", nargs="+", default=None, metavar="RUN_DIR",
+                   help=f"draw the held-out NLL of finished runs into OUT_DIR/{figure}")
+    p.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for (default: the "
+                                                                "launcher's, else 8)")
+    p.add_argument("--plan-mfu", type=float, default=0.40, help="--dry-run: MFU to time the run at (%(default)s)")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Pre-training'.")
     common.add_common_args(p, presets=PRESETS, preset="llada-8b", t0=0.0, t1=1.0, out_dir="out/pretrain",
                            resume_help="continue from the newest complete checkpoint in OUT_DIR",
                            dry_run_help="print the plan (parameters, FLOPs, memory per GPU, time) and exit")
-    for f in fields(PretrainConfig):
-        if f.name in ("t0", "t1", "seed", "max_steps"):
-            continue
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
-        p.add_argument("--" + f.name.replace("_", "-"), default=None, **kind, help=f"(llada-8b preset: {f.default!r})")
-    p.add_argument("--export", default=None, metavar="DIR",
-                   help="write the LLaDA-format export here at the end of the run (default OUT_DIR/export)")
-    p.add_argument("--plot-runs", nargs="+", default=None, metavar="RUN_DIR",
-                   help="Fig. 4: draw the held-out NLL of finished runs into OUT_DIR/fig4_heldout_nll.png")
-    p.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for (default: the "
-                                                                "launcher's, else 8)")
-    p.add_argument("--plan-mfu", type=float, default=0.40, help="--dry-run: MFU to time the run at (%(default)s)")
+    common.add_config_args(p, PretrainConfig, lambda f: f"(llada-8b preset: {f.default!r})")
+    add_run_args(p, figure="fig4_heldout_nll.png")
     p.add_argument("--benchmark", action="store_true", help="time full-width training steps (see --bench-layers)")
     p.add_argument("--bench-layers", type=int, default=4, help="--benchmark: blocks (0: the preset's) (%(default)s)")
     p.add_argument("--bench-steps", type=int, default=10, help="--benchmark: timed steps (%(default)s)")
     return p.parse_args(argv)
 
 
-def config_from_args(a):
-    values = dict(PRESETS[a.preset])
-    values.update({f.name: getattr(a, f.name) for f in fields(PretrainConfig)
-                   if f.name not in ("t0", "t1", "seed", "max_steps") and getattr(a, f.name) is not None})
-    values.update(t0=a.t0, t1=a.t1, seed=a.seed)
-    if a.max_steps is not None:
-        values["max_steps"] = a.max_steps
-    return PretrainConfig(**values)
-
-
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_args(a)
+    cfg = common.config_from_args(a, PretrainConfig, PRESETS)
     masking.check_interval(cfg.t0, cfg.t1)
     if a.plot_runs:
         common.prepare_out_dir(a.out_dir)

@@ -17,7 +17,7 @@ Distributed setup, FSDP2, the training loop, checkpoints and export are pretrain
 import argparse
 import os
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -245,32 +245,14 @@ def parse_args(argv):
     common.add_common_args(p, presets=PRESETS, preset="t0-1", t0=None, t1=None, out_dir="out/sft",
                            resume_help="continue from the newest complete checkpoint in OUT_DIR",
                            dry_run_help="print the plan (parameters, FLOPs, memory per GPU, time) and exit")
-    for f in fields(SFTConfig):
-        if f.name in ("t0", "t1", "seed", "max_steps"):
-            continue
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
-        p.add_argument("--" + f.name.replace("_", "-"), default=None, **kind, help=f"(Table 4: {f.default!r})")
-    p.add_argument("--export", default=None, metavar="DIR", help="the LLaDA-format export (default OUT_DIR/export)")
-    p.add_argument("--plot-runs", nargs="+", default=None, metavar="RUN_DIR",
-                   help="the held-out answer NLL of finished runs, one figure: OUT_DIR/heldout_nll_runs.png")
-    p.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for (default 8)")
-    p.add_argument("--plan-mfu", type=float, default=0.40, help="--dry-run: MFU to time the run at (%(default)s)")
+    common.add_config_args(p, SFTConfig, lambda f: f"(Table 4: {f.default!r})")
+    pt.add_run_args(p, figure="heldout_nll_runs.png")
     return p.parse_args(argv)
-
-
-def config_from_args(a):
-    values = dict(PRESETS[a.preset])
-    values.update({f.name: getattr(a, f.name) for f in fields(SFTConfig)
-                   if f.name not in ("seed", "max_steps") and getattr(a, f.name, None) is not None})
-    values["seed"] = a.seed
-    if a.max_steps is not None:
-        values["max_steps"] = a.max_steps
-    return SFTConfig(**values)
 
 
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_args(a)
+    cfg = common.config_from_args(a, SFTConfig, PRESETS)
     masking.check_interval(cfg.t0, cfg.t1)
     if a.plot_runs:
         common.prepare_out_dir(a.out_dir)

@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -540,11 +540,8 @@ def print_profile(step, cuda, n_steps=3):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'WikiText'.")
     common.add_common_args(p, presets=PRESETS, preset="paper", t0=0.0, t1=1.0, out_dir="out/wikitext")
-    for f in fields(WikiConfig):
-        if f.name in ("t0", "t1", "seed", "max_steps", "masked_head"):
-            continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
-                       help=f"(paper preset: {f.default!r})")
+    common.add_config_args(p, WikiConfig, lambda f: f"(paper preset: {f.default!r})",
+                           skip=("t0", "t1", "seed", "max_steps", "masked_head"))
     p.add_argument("--full-head", action="store_true", help="run the output head on every position")
     p.add_argument("--sweep", action="store_true", help="Fig. 3/7: train every interval of --intervals")
     p.add_argument("--intervals", default=None, help="T0-T1[,T0-T1...] (default: the ten width-0.1 ones + 0-1)")
@@ -558,14 +555,7 @@ def parse_args(argv):
 
 
 def config_from_args(a):
-    values = dict(PRESETS[a.preset])
-    values.update({f.name: getattr(a, f.name) for f in fields(WikiConfig)
-                   if hasattr(a, f.name) and f.name not in ("t0", "t1", "seed", "max_steps")
-                   and getattr(a, f.name) is not None})
-    values.update(t0=a.t0, t1=a.t1, seed=a.seed, masked_head=not a.full_head)
-    if a.max_steps is not None:
-        values["max_steps"] = a.max_steps
-    return WikiConfig(**values)
+    return replace(common.config_from_args(a, WikiConfig, PRESETS), masked_head=not a.full_head)
 
 
 def auto_interval(cfg, width):
