@@ -231,6 +231,18 @@ def accuracy(model, cfg, tokens):
     return correct / len(tokens)
 
 
+@torch.no_grad()
+def bit_embedding_cos(model, cfg):
+    """Cosine between the input embeddings of -1 and +1 (per position for the joint embedding,
+    averaged). With a tied head these rows are also the output head, and the MD loss pulls them
+    together (README "Parity"): near 1 the model can no longer tell a -1 from a +1."""
+    w = model.transformer.wte.weight
+    if cfg.embed == "joint":
+        n = cfg.n + 1
+        return F.cosine_similarity(w[:n], w[n:2 * n], dim=-1).mean().item()
+    return F.cosine_similarity(w[0], w[1], dim=0).item()
+
+
 # ----------------------------------------------------------------------------- training
 
 def check_config(cfg):
@@ -279,7 +291,7 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
     fwd = torch.compile(model) if compile else model
     g = torch.Generator(device).manual_seed(cfg.seed + 1)
     P_S = theory.signal_prob(cfg.t0, cfg.t1, cfg.k)
-    step, train_seconds, history = 0, 0.0, []
+    step, train_seconds, history, norms = 0, 0.0, [], []
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if resume and os.path.exists(ckpt_path):
         ck = common.load_checkpoint(ckpt_path)
@@ -321,20 +333,26 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
                 piece = label_loss(predict(fwd, cfg, mask_label(xb)), cfg, xb[:, -1]) * len(xb) / B
             piece.backward()
             loss += piece.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item())
         opt.step()
         step += 1
         train_seconds += time.time() - t_start
         if step % cfg.eval_every == 0 or step == max_steps:
-            rec = dict(step=step, seconds=round(train_seconds, 2), loss=loss, grad_norm=grad_norm,
+            # the pre-clip gradient norm over the steps since the last evaluation: how often clipping at 1 bites
+            rec = dict(step=step, seconds=round(train_seconds, 2), loss=loss, grad_norm=norms[-1],
+                       grad_norm_max=max(norms), frac_norm_over_1=sum(n > 1 for n in norms) / len(norms),
                        train_acc=accuracy(model, cfg, train_tok), val_acc=accuracy(model, cfg, val_tok))
             if cfg.objective == "md":
                 rec.update(regime_stats(*(torch.cat(p) for p in zip(*parts)), S_prime, cfg), P_S=P_S)
+            if cfg.model == "transformer":
+                rec["bits_cos"] = bit_embedding_cos(model, cfg)
             history.append(rec)
+            norms = []
             if not quiet:
                 extra = (f" | signal {rec['loss_signal']:.3f} noise {rec['loss_noise']:.3f} "
                          f"frac {rec['signal_frac']:.3f} (P_S {P_S:.3f}) noise out^2 {rec['noise_out2']:.3f}"
                          if cfg.objective == "md" else "")
+                extra += f" | cos(e-, e+) {rec['bits_cos']:.2f}" if "bits_cos" in rec else ""
                 print(f"step {step:6d} | loss {rec['loss']:.4f} | train {rec['train_acc']:.3f} "
                       f"val {rec['val_acc']:.3f}{extra} | {progress.eta(step)}", flush=True)
             if not dry_run:
