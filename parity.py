@@ -26,6 +26,7 @@ output on noise-regime inputs, the quantity the implicit regulariser drives down
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import time
@@ -483,6 +484,28 @@ def _compare_job(job):
     return summary, history
 
 
+def run_jobs(todo, jobs, what):
+    """Train every (cfg, run_dir, device) of todo without a summary.json yet, `jobs` at a time
+    (one CPU thread each), printing each run's verdict: finished runs are reused."""
+    pending = [j for j in todo if not os.path.exists(os.path.join(j[1], "summary.json"))]
+    for cfg, run_dir, _ in todo:
+        if (cfg, run_dir, _) not in pending:
+            with open(os.path.join(run_dir, "summary.json")) as f:
+                done = {k: v for k, v in json.load(f)["settings"].items() if k != "threads"}
+            if done != {k: v for k, v in asdict(cfg).items() if k != "threads"}:
+                raise ValueError(f"{run_dir} holds a run with other settings; use another --out-dir")
+    print(f"{what}: {len(todo)} runs ({len(todo) - len(pending)} already done), {jobs} at a time", flush=True)
+    if jobs > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            for s, _ in pool.imap_unordered(_compare_job, [(replace(c, threads=1), d, dev) for c, d, dev in pending]):
+                print(verdict(s), flush=True)
+    else:
+        for job in pending:
+            s, _ = _compare_job(job)
+            print(verdict(s), flush=True)
+
+
 def table(rows):
     """Median and range of steps/seconds to 95% validation per run over seeds (None: no seed got there)."""
     def spread(values):     # rounded: medians of seconds print as 22.185000000000002 otherwise
@@ -509,17 +532,7 @@ def compare(base, intervals, seeds, out_dir, device, jobs, label_steps):
             cfg = replace(base, objective=objective, t0=0.0, t1=t1, seed=seed,
                           max_steps=label_steps if objective == "label" and label_steps else base.max_steps)
             todo.append((cfg, os.path.join(out_dir, f"{run_name(objective, t1)}_seed{seed}"), device))
-    pending = [j for j in todo if not os.path.exists(os.path.join(j[1], "summary.json"))]
-    print(f"--compare: {len(todo)} runs ({len(todo) - len(pending)} already done), {jobs} at a time")
-    if jobs > 1:
-        import multiprocessing as mp
-        with mp.get_context("spawn").Pool(jobs) as pool:
-            for s, _ in pool.imap_unordered(_compare_job, [(replace(c, threads=1), d, dev) for c, d, dev in pending]):
-                print(verdict(s), flush=True)
-    else:
-        for job in pending:
-            s, _ = _compare_job(job)
-            print(verdict(s), flush=True)
+    run_jobs(todo, jobs, "--compare")
     for cfg, run_dir, _ in todo:
         with open(os.path.join(run_dir, "summary.json")) as f:
             s = json.load(f)
@@ -535,6 +548,76 @@ def compare(base, intervals, seeds, out_dir, device, jobs, label_steps):
     summary = dict(settings=asdict(base), intervals=intervals, seeds=seeds, runs=rows, table=table(rows))
     common.write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary, histories
+
+
+# ----------------------------------------------------------------------------- --ladder
+
+def parse_tasks(text):
+    """'8,2 12,2 8,3' -> [(8, 2), (12, 2), (8, 3)]"""
+    try:
+        tasks = [tuple(int(v) for v in item.split(",")) for item in text.split()]
+    except ValueError:
+        raise ValueError(f"--ladder wants N,K pairs such as '8,2 12,2 8,3', got {text!r}") from None
+    if not tasks or any(len(t) != 2 or not 1 <= t[1] <= t[0] for t in tasks):
+        raise ValueError(f"--ladder wants N,K pairs with 1 <= K <= N, got {text!r}")
+    return tasks
+
+
+def ladder_config(base, n, k, objective, seed):
+    """One rung: the base settings on (n, k), MD at the P_S-optimal U[0, t1*(k)] (Cor. 4.8 over
+    intervals), label-only alike; the step cap grows with k (--max-steps at k = 3)."""
+    t1 = round(theory.best_t1(k), 3) if objective == "md" else base.t1
+    return replace(base, n=n, k=k, objective=objective, seed=seed, t0=0.0, t1=t1,
+                   n_train=min(base.n_train, 2 ** n // 4), n_val=min(base.n_val, 2 ** n // 2),
+                   max_steps=base.max_steps * max(1, k - 1) // 2)
+
+
+def fit_growth(points):
+    """Least squares of log(steps) = a + b k log(n) over (n, k, median steps) points: SGD finds a
+    k-sparse parity in n^O(k) steps (Barak et al. 2022), so b is the exponent per unit of k.
+    Returns (a, b) or None with fewer than two distinct k log n."""
+    xs = [k * math.log(n) for n, k, _ in points]
+    if len(set(xs)) < 2:
+        return None
+    ys = [math.log(s) for _, _, s in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def ladder(base, tasks, seeds, out_dir, device, jobs):
+    """Steps to 95% validation for label-only and MD over a ladder of small (n, k) tasks, several
+    seeds each, the same model and optimiser; the growth fitted and extrapolated to (20, 6)."""
+    todo = [(ladder_config(base, n, k, objective, seed),
+             os.path.join(out_dir, f"lad_{objective}_n{n}k{k}_s{seed}"), device)
+            for n, k in tasks for seed in seeds for objective in ("label", "md")]
+    for cfg, _, _ in todo:
+        check_config(cfg)
+    run_jobs(todo, jobs, "--ladder")
+    rows = []
+    for cfg, run_dir, _ in todo:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            s = json.load(f)
+        rows.append(dict(objective=cfg.objective, n=cfg.n, k=cfg.k, seed=cfg.seed, t1=cfg.t1, cap=cfg.max_steps,
+                         steps_to_95=s["steps_to_95"], best_val_acc=s["best_val_acc"]))
+    table_rows, fits = [], {}
+    for objective in ("label", "md"):
+        points = []
+        for n, k in tasks:
+            rs = [r for r in rows if (r["objective"], r["n"], r["k"]) == (objective, n, k)]
+            hit = sorted(r["steps_to_95"] for r in rs if r["steps_to_95"] is not None)
+            median = statistics.median(hit) if len(hit) * 2 > len(rs) else None    # a majority got there
+            table_rows.append(dict(objective=objective, n=n, k=k, reached=len(hit), seeds=len(rs),
+                                   steps=[r["steps_to_95"] for r in rs], median=median, cap=rs[0]["cap"]))
+            if median is not None:
+                points.append((n, k, median))
+        fit = fit_growth(points)
+        fits[objective] = None if fit is None else dict(
+            log_C=fit[0], exponent_per_k=fit[1], points=len(points),
+            steps_20_6=math.exp(fit[0] + fit[1] * 6 * math.log(20)))
+    summary = dict(settings=asdict(base), tasks=tasks, seeds=seeds, runs=rows, table=table_rows, fits=fits)
+    common.write_json(os.path.join(out_dir, "ladder.json"), summary)
+    return summary
 
 
 # ----------------------------------------------------------------------------- command line
@@ -564,6 +647,9 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="--compare: runs in parallel, 1 CPU thread each (%(default)s)")
     p.add_argument("--label-steps", type=int, default=None,
                    help="--compare: max steps of the label runs (default: --max-steps)")
+    p.add_argument("--ladder", default=None, metavar="'N,K N,K ...'",
+                   help="label-only and MD U[0, t1*(k)] over these tasks and --seeds, steps to 95%% fitted as "
+                        "n^(b k) and extrapolated to (20, 6) (README 'Parity on the transformer')")
     return p.parse_args(argv)
 
 
@@ -574,6 +660,17 @@ def main(argv=None):
     device = common.pick_device(a.device)
     if not a.dry_run:
         common.prepare_out_dir(a.out_dir)
+    if a.ladder:
+        s = ladder(cfg, parse_tasks(a.ladder), a.seeds, a.out_dir, device, a.jobs)
+        for r in s["table"]:
+            print(f"{r['objective']:>5} ({r['n']:2d}, {r['k']}): reached 95% in {r['reached']}/{r['seeds']} seeds "
+                  f"(cap {r['cap']}), steps {r['steps']}, median {r['median']}")
+        for objective, f in s["fits"].items():
+            print(f"{objective}: " + ("too few tasks reached to fit" if f is None else
+                  f"steps ~ {math.exp(f['log_C']):.3g} n^({f['exponent_per_k']:.2f} k) over {f['points']} tasks; "
+                  f"(20, 6): {f['steps_20_6']:.3g} steps"))
+        print(f"wrote {a.out_dir}/ladder.json")
+        return
     if a.compare:
         for t1 in a.intervals:
             masking.check_interval(0.0, t1)

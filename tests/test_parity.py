@@ -153,3 +153,33 @@ def test_table_rounds_medians():
     t = parity.table(rows)[0]
     assert t["seconds_median"] == 22.19 and str(t["seconds_median"]) == "22.19"
     assert t["steps_median"] == 100.5 and t["steps_range"] == [100, 101] and t["reached"] == 2
+
+
+def test_fit_growth_recovers_the_exponent():
+    points = [(n, k, 7.0 * n ** (1.5 * k)) for n, k in [(8, 2), (12, 2), (16, 2), (8, 3), (12, 3)]]
+    a, b = parity.fit_growth(points)
+    assert b == pytest.approx(1.5) and math.exp(a) == pytest.approx(7.0)
+    assert parity.fit_growth([(8, 2, 100.0), (8, 2, 120.0)]) is None
+
+
+def test_ladder_config_and_tasks():
+    base = parity.ParityConfig(model="transformer", n_train=256, n_val=512, max_steps=12000)
+    md, label = parity.ladder_config(base, 8, 2, "md", 3), parity.ladder_config(base, 12, 3, "label", 0)
+    assert (md.n, md.k, md.seed, md.t1, md.n_train, md.n_val, md.max_steps) == (8, 2, 3, 0.538, 64, 128, 6000)
+    assert (label.t1, label.n_train, label.n_val, label.max_steps) == (base.t1, 256, 512, 12000)
+    assert parity.parse_tasks("8,2  12,3") == [(8, 2), (12, 3)]
+    with pytest.raises(ValueError):
+        parity.parse_tasks("8,9")
+
+
+def test_ladder_runs_fits_and_refuses_runs_of_other_settings(tmp_path, capsys):
+    args = ["--preset", "transformer", "--ladder", "6,1 8,1", "--seeds", "0", "--jobs", "1", "--max-steps", "200",
+            "--eval-every", "50", "--lr", "3e-3", "--warmup", "0", "--fresh", "--no-tie-head", "--d-model", "32",
+            "--mlp-hidden", "64", "--n-layer", "1", "--out-dir", str(tmp_path), "--no-plot"]
+    parity.main(args)
+    s = json.load(open(tmp_path / "ladder.json"))
+    assert [(r["objective"], r["n"], r["k"]) for r in s["table"]] == [("label", 6, 1), ("label", 8, 1), ("md", 6, 1),
+                                                                      ("md", 8, 1)]
+    assert set(s["fits"]) == {"label", "md"}
+    with pytest.raises(ValueError, match="other settings"):
+        parity.main([a if a != "3e-3" else "1e-3" for a in args])
