@@ -91,10 +91,17 @@ PRESETS = {
     # the same model at N = 3000, full batch: label-only memorises at once (Fig. 2's blue curve)
     "mlp-n3000": dict(model="mlp", n_train=3000, batch_size=0),
     # §4.5: nanoGPT-style transformer, cross-entropy, weight decay 0.1, at the N and lr where
-    # label-only groks within 30k steps (Fig. 6)
+    # label-only groks within 30k steps (Fig. 6). nanoGPT's defaults, explicit: head tied to the
+    # 3-token embedding, gradient clipping at 1. MD does not leave chance with them (README).
     "transformer": dict(model="transformer", n_train=2000, d_model=64, mlp_hidden=256, batch_size=256, lr=3e-3,
-                        warmup=500, weight_decay=0.1, beta2=0.95, max_steps=30000, eval_every=500),
+                        warmup=500, weight_decay=0.1, beta2=0.95, max_steps=30000, eval_every=500,
+                        tie_head=True, grad_clip=1.0),
 }
+# The same transformer as MD needs it: head untied (tied, the MD loss pulls the -1 and +1 embeddings
+# together), no clipping, lr 1e-3 without warm-up, fresh data; sized for --ladder (README "Parity on
+# the transformer": python parity.py --preset transformer-md --ladder ...)
+PRESETS["transformer-md"] = dict(PRESETS["transformer"], tie_head=False, grad_clip=0.0, lr=1e-3, warmup=0, fresh=True,
+                                 n_train=256, n_val=512, max_steps=12000, eval_every=250)
 
 
 # ----------------------------------------------------------------------------- data
