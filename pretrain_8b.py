@@ -309,9 +309,7 @@ class Slot:
 def held_out_set(ds, tok, eos, cfg, where):
     """The first eval_docs documents of the stream, packed into eval_seqs sequences, and their keys
     (training skips any document with one of them)."""
-    docs = []
-    for text in documents(ds.take(cfg.eval_docs), cfg, where):
-        docs.append(text)
+    docs = list(documents(ds.take(cfg.eval_docs), cfg, where))
     tokens = []
     for text in docs:
         tokens += tok.encode(text, add_special_tokens=False).ids + [eos]
