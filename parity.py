@@ -581,7 +581,7 @@ def ladder_config(base, n, k, objective, seed):
 
 
 def fit_growth(points):
-    """Least squares of log(steps) = a + b k log(n) over (n, k, median steps) points: SGD finds a
+    """Least squares of log(steps) = a + b k log(n) over (n, k, mean steps) points: SGD finds a
     k-sparse parity in n^O(k) steps (Barak et al. 2022), so b is the exponent per unit of k.
     Returns (a, b) or None with fewer than two distinct k log n."""
     xs = [k * math.log(n) for n, k, _ in points]
@@ -614,11 +614,17 @@ def ladder(base, tasks, seeds, out_dir, device, jobs):
         for n, k in tasks:
             rs = [r for r in rows if (r["objective"], r["n"], r["k"]) == (objective, n, k)]
             hit = sorted(r["steps_to_95"] for r in rs if r["steps_to_95"] is not None)
-            median = statistics.median(hit) if len(hit) * 2 > len(rs) else None    # a majority got there
+            cap = rs[0]["cap"]
+            # The plateau ends at a random step (seeds differ by 10x): modelled as a waiting time with a
+            # constant escape rate, its maximum-likelihood mean counts the runs stopped at the cap too:
+            # (steps of the escapes + cap x the runs that did not escape) / escapes.
+            mean = (sum(hit) + cap * (len(rs) - len(hit))) / len(hit) if hit else None
             table_rows.append(dict(objective=objective, n=n, k=k, reached=len(hit), seeds=len(rs),
-                                   steps=[r["steps_to_95"] for r in rs], median=median, cap=rs[0]["cap"]))
-            if median is not None:
-                points.append((n, k, median))
+                                   steps=[r["steps_to_95"] for r in rs], cap=cap, mean_steps=mean,
+                                   median=statistics.median(hit) if len(hit) * 2 > len(rs) else None,
+                                   lower_bound=None if hit else cap * len(rs)))
+            if mean is not None:
+                points.append((n, k, mean))
         fit = fit_growth(points)
         fits[objective] = None if fit is None else dict(
             log_C=fit[0], exponent_per_k=fit[1], points=len(points),
@@ -672,8 +678,9 @@ def main(argv=None):
     if a.ladder:
         s = ladder(cfg, parse_tasks(a.ladder), a.seeds, a.out_dir, device, a.jobs)
         for r in s["table"]:
+            mean = f"{r['mean_steps']:,.0f}" if r["mean_steps"] else f"> {r['lower_bound']:,} (none escaped)"
             print(f"{r['objective']:>5} ({r['n']:2d}, {r['k']}): reached 95% in {r['reached']}/{r['seeds']} seeds "
-                  f"(cap {r['cap']}), steps {r['steps']}, median {r['median']}")
+                  f"(cap {r['cap']}), steps {r['steps']}, mean waiting time {mean}")
         for objective, f in s["fits"].items():
             print(f"{objective}: " + ("too few tasks reached to fit" if f is None else
                   f"steps ~ {math.exp(f['log_C']):.3g} n^({f['exponent_per_k']:.2f} k) over {f['points']} tasks; "
