@@ -164,6 +164,22 @@ class Progress:
         return f"{self.elapsed():.0f}s elapsed, ETA {left:.0f}s"
 
 
+def time_steps(step, steps, warmup, device):
+    """Benchmark timing: run `step` warmup times untimed, then `steps` times; on CUDA synchronise
+    and reset the peak-memory counter first. Returns (seconds of the timed steps, their outputs
+    stacked)."""
+    for _ in range(warmup):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.time()
+    out = torch.stack([step() for _ in range(steps)])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.time() - start, out
+
+
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
     fig.tight_layout()

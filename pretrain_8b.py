@@ -768,16 +768,9 @@ def benchmark(cfg, device, compile_model, layers, steps=10, warmup=3):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return masked.float().mean()
-    for _ in range(warmup):
-        one_step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.time()
-    frac = torch.stack([one_step() for _ in range(steps)]).mean().item()
-    if cuda:
-        torch.cuda.synchronize()
-    tok_s = steps * cfg.micro_batch * cfg.block_size / (time.time() - start)      # per GPU
+    seconds, fracs = common.time_steps(one_step, steps, warmup, device)
+    frac = fracs.mean().item()
+    tok_s = steps * cfg.micro_batch * cfg.block_size / seconds      # per GPU
     mfu = model_lib.estimate_mfu(model.flops_per_token(cfg.block_size, frac), tok_s, model_lib.device_peak_flops(device))
     out = dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", world_size=world, model=cfg.model,
                n_layer=mc.n_layer, d_model=mc.d_model, block_size=cfg.block_size, micro_batch=cfg.micro_batch,
@@ -794,8 +787,22 @@ def benchmark(cfg, device, compile_model, layers, steps=10, warmup=3):
 
 # ----------------------------------------------------------------------------- command line
 
-def add_run_args(p, figure):
-    """The flags pretrain_8b.py and sft_8b.py add to the shared vocabulary."""
+def plot_runs_cli(a):
+    """--plot-runs: the held-out NLL curves of the named runs on one figure in OUT_DIR (Fig. 4)."""
+    common.prepare_out_dir(a.out_dir)
+    path = os.path.join(a.out_dir, a.runs_figure)
+    plot_runs(a.plot_runs, path)
+    print(f"wrote {path}")
+
+
+def add_run_args(p, cls, describe, figure, **defaults):
+    """The command line pretrain_8b.py and sft_8b.py share: the common vocabulary (`defaults`: presets,
+    preset, t0, t1, out_dir), one flag per field of their config dataclass `cls`, and the flags below.
+    `figure`: the file --plot-runs writes."""
+    common.add_common_args(p, **defaults, resume_help="continue from the newest complete checkpoint in OUT_DIR",
+                           dry_run_help="print the plan (parameters, FLOPs, memory per GPU, time) and exit")
+    common.add_config_args(p, cls, describe)
+    p.set_defaults(runs_figure=figure)
     p.add_argument("--export", default=None, metavar="DIR",
                    help="write the LLaDA-format export here at the end of the run (default OUT_DIR/export)")
     p.add_argument("--plot-runs", nargs="+", default=None, metavar="RUN_DIR",
@@ -807,11 +814,8 @@ def add_run_args(p, figure):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Pre-training'.")
-    common.add_common_args(p, presets=PRESETS, preset="llada-8b", t0=0.0, t1=1.0, out_dir="out/pretrain",
-                           resume_help="continue from the newest complete checkpoint in OUT_DIR",
-                           dry_run_help="print the plan (parameters, FLOPs, memory per GPU, time) and exit")
-    common.add_config_args(p, PretrainConfig, lambda f: f"(llada-8b preset: {f.default!r})")
-    add_run_args(p, figure="fig4_heldout_nll.png")
+    add_run_args(p, PretrainConfig, lambda f: f"(llada-8b preset: {f.default!r})", "fig4_heldout_nll.png",
+                 presets=PRESETS, preset="llada-8b", t0=0.0, t1=1.0, out_dir="out/pretrain")
     p.add_argument("--benchmark", action="store_true", help="time full-width training steps (see --bench-layers)")
     p.add_argument("--bench-layers", type=int, default=4, help="--benchmark: blocks (0: the preset's) (%(default)s)")
     p.add_argument("--bench-steps", type=int, default=10, help="--benchmark: timed steps (%(default)s)")
@@ -823,10 +827,7 @@ def main(argv=None):
     cfg = common.config_from_args(a, PretrainConfig, PRESETS)
     masking.check_interval(cfg.t0, cfg.t1)
     if a.plot_runs:
-        common.prepare_out_dir(a.out_dir)
-        plot_runs(a.plot_runs, os.path.join(a.out_dir, "fig4_heldout_nll.png"))
-        print(f"wrote {a.out_dir}/fig4_heldout_nll.png")
-        return
+        return plot_runs_cli(a)
     if a.dry_run:
         world = a.world_size or int(os.environ.get("WORLD_SIZE", "8"))
         check_config(cfg, world)

@@ -242,11 +242,8 @@ def describe_skipped(skipped):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Fine-tuning'.")
-    common.add_common_args(p, presets=PRESETS, preset="t0-1", t0=None, t1=None, out_dir="out/sft",
-                           resume_help="continue from the newest complete checkpoint in OUT_DIR",
-                           dry_run_help="print the plan (parameters, FLOPs, memory per GPU, time) and exit")
-    common.add_config_args(p, SFTConfig, lambda f: f"(Table 4: {f.default!r})")
-    pt.add_run_args(p, figure="heldout_nll_runs.png")
+    pt.add_run_args(p, SFTConfig, lambda f: f"(Table 4: {f.default!r})", "heldout_nll_runs.png",
+                    presets=PRESETS, preset="t0-1", t0=None, t1=None, out_dir="out/sft")
     return p.parse_args(argv)
 
 
@@ -255,10 +252,7 @@ def main(argv=None):
     cfg = common.config_from_args(a, SFTConfig, PRESETS)
     masking.check_interval(cfg.t0, cfg.t1)
     if a.plot_runs:
-        common.prepare_out_dir(a.out_dir)
-        pt.plot_runs(a.plot_runs, os.path.join(a.out_dir, "heldout_nll_runs.png"))
-        print(f"wrote {a.out_dir}/heldout_nll_runs.png")
-        return
+        return pt.plot_runs_cli(a)
     if a.dry_run:
         world = a.world_size or int(os.environ.get("WORLD_SIZE", "8"))
         pt.check_config(cfg, world)

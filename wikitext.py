@@ -485,14 +485,9 @@ def benchmark(cfg, device, compile_model, steps=20, warmup=5, profile=False):
         ce_fn = loss_ce(compile_model)
         g = torch.Generator(device).manual_seed(0)
         step = functools.partial(bench_step, model, opt, ce_fn, cfg, device, g, masked_head)
-        for _ in range(warmup):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-        t_start = time.time()
-        frac = torch.stack([step() for _ in range(steps)]).mean().item()
-        tok_s = steps * cfg.micro_batch * cfg.block_size / (time.time() - t_start)
+        seconds, fracs = common.time_steps(step, steps, warmup, device)
+        frac = fracs.mean().item()
+        tok_s = steps * cfg.micro_batch * cfg.block_size / seconds
         flops = model.flops_per_token(cfg.block_size, frac if masked_head else 1.0)
         name = "masked_head" if masked_head else "full_head"
         results[name] = dict(tokens_per_sec=tok_s, mfu=model_lib.estimate_mfu(flops, tok_s, peak),
