@@ -23,27 +23,42 @@ def add_common_args(p, *, presets, preset, t0=0.0, t1=1.0, max_steps=None, out_d
     p.add_argument("--preset", default=preset, choices=sorted(presets), help="named group of settings (%(default)s)")
     p.add_argument("--t0", type=float, default=t0, help="mask ratio t ~ U[t0, t1]: lower end (%(default)s)")
     p.add_argument("--t1", type=float, default=t1, help="mask ratio t ~ U[t0, t1]: upper end (%(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and masks (%(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (%(default)s)")
     p.add_argument("--max-steps", type=int, default=max_steps, help="training steps (default: the preset's)")
     p.add_argument("--out-dir", default=out_dir, help="everything the run writes, ending with summary.json "
                                                       "(%(default)s)")
     p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--allow-change", nargs="+", default=(), metavar="SETTING",
+                   help="--resume: settings (e.g. max_steps) that may differ from the checkpoint's; recorded in "
+                        "summary.json. Without it a changed setting is refused")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--dry-run", action="store_true", help=dry_run_help)
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write PNG plots")
     return p
 
 
-def add_config_args(p, cls, describe, skip=("t0", "t1", "seed", "max_steps")):
-    """A --flag for every field of a settings dataclass (the shared ones come from add_common_args);
-    None means "not given", so the preset's value stands. describe(field) is the help text."""
+def field_comments(cls):
+    """{field: the comment on its line} of a settings dataclass: the one place a setting is explained."""
+    import inspect
+    import re
+    found = (re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)", line) for line in inspect.getsource(cls).splitlines())
+    return {m.group(1): m.group(2).strip() for m in found if m}
+
+
+def add_config_args(p, cls, defaults, label, skip=("t0", "t1", "seed", "max_steps"), helps=None):
+    """A --flag for every field of a settings dataclass (the shared ones come from add_common_args),
+    its help the field's comment (or helps[name]) and its value under the default preset
+    (`defaults`, named `label`). None means "not given", so the preset's value stands."""
     from dataclasses import fields
+    text = {**field_comments(cls), **(helps or {})}
     for f in fields(cls):
         if f.name in skip:
             continue
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
-        p.add_argument("--" + f.name.replace("_", "-"), default=None, **kind, help=describe(f))
+        value = defaults.get(f.name, f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
+                       help=f"{text.get(f.name, '')} ({label}: {value!r})".replace("%", "%%"))
 
 
 def config_from_args(a, cls, presets):
@@ -129,6 +144,41 @@ def prepare_out_dir(path):
     return path
 
 
+RUN_MARKERS = ("summary.json", "ckpt.pt")      # and step_* folders: what a run leaves in its --out-dir
+
+
+def check_fresh(out_dir, resume):
+    """A run without --resume never writes over an earlier one: an --out-dir that already holds a
+    summary.json, a ckpt.pt or step_* checkpoints is refused before any work."""
+    if resume or not os.path.isdir(out_dir):
+        return
+    found = sorted(f for f in os.listdir(out_dir) if f in RUN_MARKERS or f.startswith("step_"))
+    if found:
+        raise ValueError(f"--out-dir {out_dir} holds an earlier run ({', '.join(found[:3])}); pass --resume to "
+                         f"continue it, or choose another --out-dir")
+
+
+def check_resume_settings(saved, now, path, allow=(), ignore=()):
+    """--resume with settings that change the run is refused, naming them: the run would otherwise
+    be labelled with settings it was not trained with. `allow` (--allow-change) lets named settings
+    differ; `ignore` are bookkeeping (logging, checkpoint cadence). Returns {name: [old, new]} of
+    the allowed changes, for the summary."""
+    differ = {k: [saved[k], v] for k, v in now.items() if k in saved and saved[k] != v and k not in ignore}
+    refused = [k for k in differ if k not in allow]
+    if refused:
+        shown = ", ".join(f"{k} {differ[k][0]!r} -> {differ[k][1]!r}" for k in refused)
+        raise ValueError(f"--resume: {path} was written with other settings ({shown}); resume with its settings, "
+                         f"or pass --allow-change {' '.join(refused)} to change them knowingly")
+    return differ
+
+
+def check_positive(**sizes):
+    """Sizes and counts a user gives, each > 0, as one line naming the flag."""
+    for name, value in sizes.items():
+        if value is None or value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
 def read_text(path, what):
     """The UTF-8 text of a user-given file; missing, unreadable or binary is one line naming it."""
     try:
@@ -143,9 +193,14 @@ def read_text(path, what):
 
 
 def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
+
+
+def write_text(path, text):
+    """Write then rename: a reader never sees half a file, and a failure leaves the old one."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
     os.replace(tmp, path)
 
 

@@ -50,7 +50,7 @@ class ParityConfig:
     n: int = 20
     k: int = 6
     n_train: int = 10000           # N, the finite training set (Def. 3.2)
-    n_val: int = 2000
+    n_val: int = 2000                 # validation rows, fresh draws never trained on
     objective: str = "md"          # "md" | "label"
     model: str = "mlp"             # "mlp" (§4.1 reduced model) | "transformer" (§4.5 nanoGPT-style)
     t0: float = 0.0
@@ -59,23 +59,23 @@ class ParityConfig:
     hidden: int = 2560
     init_std: float = 0.0          # mlp: std of W (0: PyTorch's default); transformer: of every matrix (0: GPT-2's 0.02)
     # transformer
-    n_layer: int = 2
-    d_model: int = 128
-    n_head: int = 4
-    mlp_hidden: int = 512
+    n_layer: int = 2                  # transformer: blocks
+    d_model: int = 128                # transformer: width
+    n_head: int = 4                   # transformer: attention heads
+    mlp_hidden: int = 512             # transformer: MLP width
     embed: str = "additive"        # "additive" (nanoGPT: wte + wpe) | "joint" (Def. 3.5: one id per (value, position))
     tie_head: bool = True          # nanoGPT ties the output head to the token embedding
     loss: str = "auto"             # "ce" | "mse" | "auto" (mse for the mlp, as F.1; ce for the transformer, as §4.5)
     # optimisation
     batch_size: int = 3000         # 0 = full batch
     micro_batch: int = 1000        # rows per forward/backward (accumulated): cache-sized, 2x faster on a CPU
-    lr: float = 1e-3
-    warmup: int = 0
-    weight_decay: float = 0.0
-    beta2: float = 0.999
+    lr: float = 1e-3                  # AdamW peak learning rate
+    warmup: int = 0                   # linear warm-up steps
+    weight_decay: float = 0.0         # AdamW weight decay
+    beta2: float = 0.999              # AdamW beta2
     grad_clip: float = 1.0         # clip the global gradient norm to this (0: never)
     max_steps: int = 4000
-    eval_every: int = 100
+    eval_every: int = 100             # steps between accuracy checks (and checkpoints)
     stop_acc: float = 0.99         # stop once train and val accuracy both reach this (> 1: never)
     fresh: bool = False            # a new sample every step (N = infinity): finding S without memorisation
     secret_only: bool = False      # diagnostic: MD loss on masked positions of S' only (noise bits unsupervised)
@@ -268,8 +268,10 @@ def check_config(cfg):
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
-    if cfg.max_steps <= 0 or cfg.eval_every <= 0 or cfg.batch_size < 0:
-        raise ValueError("--max-steps and --eval-every must be positive, --batch-size >= 0")
+    common.check_positive(max_steps=cfg.max_steps, eval_every=cfg.eval_every)
+    if cfg.batch_size < 0 or cfg.micro_batch < 0:      # 0 means "all" for both
+        raise ValueError(f"--batch-size and --micro-batch must be >= 0 (0: all), got {cfg.batch_size}, "
+                         f"{cfg.micro_batch}")
 
 
 def lr_at(step, cfg):
@@ -281,9 +283,11 @@ def describe(cfg):
     return f"{what} ({cfg.model}, (n,k)=({cfg.n},{cfg.k}), N={cfg.n_train}, seed {cfg.seed})"
 
 
-def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=False, quiet=False):
+def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=False, quiet=False, allow_change=()):
     """One run. Writes out_dir/{ckpt.pt, history.json, summary.json, curves.png}; returns the summary."""
     check_config(cfg)
+    if not dry_run:
+        common.check_fresh(out_dir, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     common.set_seed(cfg.seed)
@@ -302,8 +306,11 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
     P_S = theory.signal_prob(cfg.t0, cfg.t1, cfg.k)
     step, train_seconds, history, norms = 0, 0.0, [], []
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    changes = {}
     if resume and os.path.exists(ckpt_path):
         ck = common.load_checkpoint(ckpt_path)
+        changes = {**ck.get("changes", {}), **common.check_resume_settings(ck["config"], asdict(cfg), ckpt_path,
+                                                                             allow_change, ignore=("threads",))}
         common.restore(model, ck["model"], ckpt_path)
         common.restore(opt, ck["opt"], ckpt_path)
         g.set_state(ck["gen"])
@@ -367,10 +374,12 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
             if not dry_run:
                 common.atomic_torch_save(dict(model=model.state_dict(), opt=opt.state_dict(), gen=g.get_state(),
                                               step=step, train_seconds=train_seconds, history=history,
-                                              config=asdict(cfg)), ckpt_path)
+                                              config=asdict(cfg), changes=changes), ckpt_path)
             if min(rec["train_acc"], rec["val_acc"]) >= cfg.stop_acc:
                 break
     summary = summarize(cfg, S, P_S, history)
+    if changes:
+        summary["changed_on_resume"] = changes          # {setting: [checkpoint's, now]}
     if not dry_run:
         common.write_json(os.path.join(out_dir, "history.json"), history)
         common.write_json(os.path.join(out_dir, "summary.json"), summary)
@@ -488,7 +497,7 @@ def plot_compare(rows, histories, out_dir):
 
 def _compare_job(job):
     cfg, run_dir, device = job
-    summary, history = train(cfg, run_dir, device=device, quiet=True)
+    summary, history = train(cfg, run_dir, device=device, quiet=True, resume=True)   # an interrupted run continues
     return summary, history
 
 
@@ -651,8 +660,7 @@ def parse_args(argv=None):
                  "threads": "torch CPU threads (0 = default)",
                  "tie_head": "transformer: output head tied to the token embedding",
                  "grad_clip": "clip the gradient norm to this (0: never)"}
-    common.add_config_args(p, ParityConfig, lambda f: f"{flag_help.get(f.name, '')} (mlp preset: "
-                                                      f"{PRESETS['mlp'].get(f.name, f.default)!r})")
+    common.add_config_args(p, ParityConfig, PRESETS["mlp"], "mlp preset", helps=flag_help)
     p.add_argument("--compare", action="store_true", help="Fig. 2/6: label and md over --intervals and --seeds, "
                                                            f"{COMPARE_STEPS} steps each unless --max-steps")
     p.add_argument("--intervals", type=float, nargs="+", default=[0.1, 0.246, 0.4, 1.0],
@@ -706,7 +714,8 @@ def main(argv=None):
         print(f"wrote {a.out_dir}/summary.json, results.csv" + (", fig2_accuracy.png, fig6_label.png, "
                                                                "steps_to_95.png" if a.plot else ""))
         return
-    summary, history = train(cfg, a.out_dir, device=device, resume=a.resume, compile=a.compile, dry_run=a.dry_run)
+    summary, history = train(cfg, a.out_dir, device=device, resume=a.resume, compile=a.compile, dry_run=a.dry_run,
+                             allow_change=a.allow_change)
     if a.plot and not a.dry_run:
         plot_run(history, cfg, os.path.join(a.out_dir, "curves.png"))
     print(verdict(summary))

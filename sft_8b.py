@@ -24,41 +24,41 @@ import torch
 import common
 import masking
 import model as model_lib
-import pretrain_8b as pt
+import fsdp
 
 TULU = "allenai/tulu-3-sft-personas-math-filtered"
 
 
 @dataclass
 class SFTConfig:
-    init: str = pt.LLADA              # Hub id or LLaDA-format folder (a pretrain_8b.py export too); "" = scratch
+    init: str = fsdp.LLADA              # Hub id or LLaDA-format folder (a pretrain_8b.py export too); "" = scratch
     model: str = "tiny"               # model.py preset when --init is ""
     dataset: str = TULU               # Hub dataset with a `messages` column; --data reads a local jsonl instead
-    data: str = ""
+    data: str = ""                    # local jsonl of rows with `messages` (no download)
     tokenizer: str = ""               # default: --init's tokenizer.json (bytes when training from scratch)
-    block_size: int = 1024
+    block_size: int = 1024            # tokens per row: prompt, answer, EOS padding
     batch_size: int = 256             # rows per optimizer step, all GPUs together (Table 4)
-    micro_batch: int = 4
+    micro_batch: int = 4              # rows per GPU per forward; the rest is accumulated
     max_steps: int = 1200             # ~4 epochs of the 80.5k rows (§5.2.2)
-    lr: float = 2e-5
-    min_lr: float = 2e-6
-    warmup: int = 160
+    lr: float = 2e-5                  # AdamW peak learning rate (Table 4)
+    min_lr: float = 2e-6              # the schedule's floor
+    warmup: int = 160                 # linear warm-up steps
     schedule: str = "wsd"             # LLaDA's SFT: warm-up, constant, linear decay over the last 10%
-    decay_frac: float = 0.1
-    weight_decay: float = 0.0
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    decay_frac: float = 0.1           # wsd: share of the steps, at the end, of linear decay
+    weight_decay: float = 0.0         # AdamW weight decay
+    beta2: float = 0.95               # AdamW beta2
+    grad_clip: float = 1.0            # clip the global gradient norm to this (0: never)
     t0: float = 0.0
     t1: float = 1.0
-    eval_every: int = 100
+    eval_every: int = 100             # steps between held-out answer-NLL evaluations
     eval_rows: int = 256              # the first usable rows, held out: their answers' full-range bound
-    eval_draws: int = 4
-    eval_batch: int = 4
-    log_every: int = 10
-    save_every: int = 200
-    keep: int = 2
-    grad_checkpoint: bool = True
-    export_dtype: str = "bfloat16"
+    eval_draws: int = 4               # stratified t draws per held-out row
+    eval_batch: int = 4               # held-out rows per evaluation forward
+    log_every: int = 10               # steps between log lines
+    save_every: int = 200             # steps between sharded checkpoints
+    keep: int = 2                     # complete checkpoints kept
+    grad_checkpoint: bool = True      # recompute every block in backward (memory for compute)
+    export_dtype: str = "bfloat16"    # dtype of the exported safetensors: bfloat16 (LLaDA's) | float32
     seed: int = 0
 
 
@@ -170,9 +170,9 @@ class Rows:
 def init_config(cfg, ids):
     """The model to fine-tune: --init's config.json, or a model.py preset when training from scratch."""
     if not cfg.init:
-        return pt.model_config(cfg.model, ids, block_size=cfg.block_size, grad_checkpoint=cfg.grad_checkpoint)
+        return fsdp.model_config(cfg.model, ids, block_size=cfg.block_size, grad_checkpoint=cfg.grad_checkpoint)
     import json
-    folder = model_lib.checkpoint_folder(cfg.init)
+    folder = model_lib.checkpoint_folder(cfg.init, "--init")
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--init {cfg.init}: no config.json in {folder}")
@@ -189,22 +189,23 @@ def init_config(cfg, ids):
 def tokenizer_source(cfg):
     if cfg.tokenizer or not cfg.init:
         return cfg.tokenizer
-    return model_lib.checkpoint_folder(cfg.init) if os.path.exists(cfg.init) else cfg.init
+    return model_lib.checkpoint_folder(cfg.init, "--init")
 
 
 # ----------------------------------------------------------------------------- the run
 
-def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, export_dir=None, plot=False):
+def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, export_dir=None, plot=False,
+          allow_change=()):
     """One SFT run under torchrun (or as a world of one); returns the summary on rank 0."""
-    rank, world, device = pt.setup_distributed(device)
-    pt.check_config(cfg, world)
-    pt.on_every_rank(lambda: common.prepare_out_dir(out_dir) if rank == 0 else None, device)
-    tok = pt.on_every_rank(pt.load_tokenizer, device, tokenizer_source(cfg))
-    ids = pt.token_ids(tok)
+    rank, world, device = fsdp.setup_distributed(device)
+    fsdp.check_config(cfg, world)
+    fsdp.prepare_run(out_dir, export_dir, resume, rank, device)
+    tok = fsdp.on_every_rank(lambda: fsdp.load_tokenizer(tokenizer_source(cfg)), device)
+    ids = fsdp.token_ids(tok)
     if ids["bos"] is None:
         raise ValueError("the tokenizer has no <|startoftext|> (BOS), which LLaDA's chat template starts with")
-    model_cfg = pt.on_every_rank(init_config, device, cfg, ids)
-    rows = pt.on_every_rank(load_rows, device, cfg)
+    model_cfg = fsdp.on_every_rank(init_config, device, cfg, ids)
+    rows = fsdp.on_every_rank(load_rows, device, cfg)
     all_ids, all_masks, skipped = encode_rows(rows, tok, ids["eos"], cfg.block_size)
     if len(all_ids) <= cfg.eval_rows:
         raise ValueError(f"{cfg.data or cfg.dataset}: {len(all_ids)} usable rows, not more than the "
@@ -213,25 +214,27 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, expo
     train_ids, train_masks = all_ids[cfg.eval_rows:], all_masks[cfg.eval_rows:]
     n_slots = cfg.batch_size // cfg.micro_batch
     slots = {i: Rows(train_ids, train_masks, i, cfg, device) for i in range(rank, n_slots, world)}
-    model = pt.build_model(model_cfg, device, cfg.seed, mixed_precision=device.startswith("cuda"),
+    model = fsdp.build_model(model_cfg, device, cfg.seed, mixed_precision=device.startswith("cuda"),
                            compile_model=compile_model)
     if cfg.init:
-        pt.on_every_rank(model_lib.load_safetensors, device, model, cfg.init)
+        fsdp.on_every_rank(model_lib.load_safetensors, device, model, cfg.init)
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
-    latest = pt.checkpoints(out_dir)[-1] if resume and pt.checkpoints(out_dir) else None
-    step, history, seconds = pt.resume_from(latest, model, opt, slots, n_slots, device)
-    log = pt.Logger(out_dir, rank == 0)
-    log(f"resumed {latest} at step {step}" if latest else
-        f"SFT {pt.describe(cfg)} from {cfg.init or 'scratch (' + cfg.model + ')'}: {model.num_params():,} parameters, "
+    latest = fsdp.checkpoints(out_dir)[-1] if resume and fsdp.checkpoints(out_dir) else None
+    run = fsdp.resume_from(latest, model, opt, slots, n_slots, device, cfg, allow_change)
+    log = fsdp.Logger(out_dir, rank == 0)
+    log(fsdp.resumed(latest, run) if latest else
+        f"SFT {fsdp.describe(cfg)} from {cfg.init or 'scratch (' + cfg.model + ')'}: {model.num_params():,} parameters, "
         f"{len(train_ids):,} training rows ({len(eval_ids)} held out), batch {cfg.batch_size} x {cfg.block_size} "
         f"({n_slots // world} x {cfg.micro_batch} x {world} GPUs), {cfg.max_steps} steps on {device}")
     if skipped:
         log(f"skipped {sum(c for _, c in skipped.values())} malformed rows: {describe_skipped(skipped)}",
             skipped={k: c for k, (_, c) in skipped.items()})
-    history, seconds = pt.train_loop(cfg, model, opt, slots, lambda s: [slots[i].batch(s) for i in sorted(slots)],
-                                     lambda: pt.heldout_nll(model, eval_ids, cfg, device, maskable=eval_masks),
-                                     out_dir, device, pt.loss_ce(compile_model), log, step, history, seconds)
-    return pt.finish(cfg, model, out_dir, export_dir, tok, ids, history, seconds, plot)
+    batches = lambda s: [slots[i].batch(s) for i in sorted(slots)]
+    evaluate = lambda: fsdp.heldout_nll(model, eval_ids, cfg, device, maskable=eval_masks)
+    run = fsdp.train_loop(cfg, model, opt, slots, batches, evaluate, out_dir, device, fsdp.loss_ce(compile_model),
+                          log, run)
+    return fsdp.finish(cfg, model, out_dir, export_dir, tok, ids, run, plot,
+                       skipped_rows={k: c for k, (_, c) in skipped.items()})
 
 
 def describe_skipped(skipped):
@@ -242,8 +245,8 @@ def describe_skipped(skipped):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Fine-tuning'.")
-    pt.add_run_args(p, SFTConfig, lambda f: f"(Table 4: {f.default!r})", "heldout_nll_runs.png",
-                    presets=PRESETS, preset="t0-1", t0=None, t1=None, out_dir="out/sft")
+    fsdp.add_run_args(p, SFTConfig, "heldout_nll_runs.png", presets=PRESETS, preset="t0-1", t0=None, t1=None,
+                      out_dir="out/sft")
     return p.parse_args(argv)
 
 
@@ -252,25 +255,23 @@ def main(argv=None):
     cfg = common.config_from_args(a, SFTConfig, PRESETS)
     masking.check_interval(cfg.t0, cfg.t1)
     if a.plot_runs:
-        return pt.plot_runs_cli(a)
+        return fsdp.plot_runs_cli(a)
     if a.dry_run:
         world = a.world_size or int(os.environ.get("WORLD_SIZE", "8"))
-        pt.check_config(cfg, world)
+        fsdp.check_config(cfg, world)
         preset = "llada-8b" if cfg.init else cfg.model
-        plan_cfg = pt.PretrainConfig(model=preset, block_size=cfg.block_size, batch_size=cfg.batch_size,
-                                     micro_batch=cfg.micro_batch, max_steps=cfg.max_steps, t0=cfg.t0, t1=cfg.t1)
-        pt.plan(plan_cfg, world, a.plan_mfu, paper_hours=6 if preset == "llada-8b" else None)
+        fsdp.plan(replace(cfg, model=preset), world, a.plan_mfu, paper_hours=6 if preset == "llada-8b" else None)
         return
     device = common.pick_device(a.device)
     try:
         summary = train(cfg, a.out_dir, device=device, resume=a.resume, compile_model=a.compile,
-                        export_dir=a.export, plot=a.plot)
+                        export_dir=a.export, plot=a.plot, allow_change=a.allow_change)
         if summary:
-            print(f"SFT {pt.describe(cfg)}: held-out answer NLL {summary['test_loss']:.4f} nats/token after "
+            print(f"SFT {fsdp.describe(cfg)}: held-out answer NLL {summary['test_loss']:.4f} nats/token after "
                   f"{summary['steps']} steps ({summary['seconds']:.0f}s); wrote {a.out_dir}/summary.json, "
                   f"{a.export or os.path.join(a.out_dir, 'export')}")
     finally:
-        pt.teardown()
+        fsdp.teardown()
 
 
 if __name__ == "__main__":

@@ -454,15 +454,16 @@ def main(argv=None):
                                                   "for n-gram weights")
     p.add_argument("--tokenizer-file", default=None, help="local gpt2.tiktoken rank file (no download)")
     p.add_argument("--draws", type=int, default=400_000, help="Monte Carlo draws per estimate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="out/theory")
-    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws (%(default)s)")
+    p.add_argument("--out-dir", default="out/theory", help="table, summary.json and plots (%(default)s)")
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write PNG plots")
     a = p.parse_args(argv)
     check_k(a.k)
     if a.k > a.n:
         raise ValueError(f"need k <= n, got n={a.n}, k={a.k}")
     check_interval(a.t0, a.t1)
     check_delta(a.delta)
+    common.check_positive(draws=a.draws)
     common.prepare_out_dir(a.out_dir)
     corpus_weights = None
     if a.corpus:

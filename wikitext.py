@@ -16,6 +16,7 @@ compare exactly (§5). Data: GPT-2 BPE (tiktoken) cached once as uint16 memmaps.
 import argparse
 import csv
 import functools
+import hashlib
 import json
 import math
 import os
@@ -38,26 +39,26 @@ class WikiConfig:
     dataset: str = "wikitext-103"     # Hub WikiText (raw), unless --data gives local files
     data: str = ""                    # local folder with *train* / *valid* / *test* raw text files
     tokenizer_file: str = ""          # local gpt2.tiktoken (no download)
-    train_split: str = "train"
-    eval_split: str = "test"
-    cache_dir: str = "data"
-    block_size: int = 150
+    train_split: str = "train"        # split trained on
+    eval_split: str = "test"          # split the test loss is measured on
+    cache_dir: str = "data"           # token caches (keyed by the source files and the tokenizer)
+    block_size: int = 150             # tokens per sequence (§5.1)
     batch_size: int = 1024            # sequences per optimizer step (§5.1)
     micro_batch: int = 512            # sequences per forward/backward, the rest accumulated (1024 fits an H200)
     max_steps: int = 6000
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup: int = 300
-    weight_decay: float = 0.1
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    lr: float = 6e-4                  # AdamW peak learning rate
+    min_lr: float = 6e-5              # cosine schedule's floor
+    warmup: int = 300                 # linear warm-up steps
+    weight_decay: float = 0.1         # AdamW weight decay
+    beta2: float = 0.95               # AdamW beta2
+    grad_clip: float = 1.0            # clip the gradient norm to this (0: never)
     t0: float = 0.0
     t1: float = 1.0
-    eval_every: int = 250
+    eval_every: int = 250             # steps between test-loss evaluations
     eval_seqs: int = 512              # test sequences scored by the full-range bound
     eval_draws: int = 8               # stratified t draws per test sequence
-    log_every: int = 10
-    ckpt_every: int = 250
+    log_every: int = 10               # steps between log lines
+    ckpt_every: int = 250             # steps between checkpoints (OUT_DIR/ckpt.pt)
     masked_head: bool = True          # run the output head on masked positions only
     seed: int = 0
 
@@ -85,13 +86,30 @@ SWEEP = [(round(i / 10, 1), round((i + 1) / 10, 1)) for i in range(10)] + [(0.0,
 # ----------------------------------------------------------------------------- data
 
 def local_split(folder, split):
-    """Raw text of the one file in `folder` whose name contains `split` (wiki.test.raw, test.txt, ...)."""
+    """The file of `folder` whose name contains `split` (wiki.test.raw, test.txt, ...): the first, sorted."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--data {folder} is not a folder")
     names = [f for f in sorted(os.listdir(folder)) if split in f and f.endswith((".raw", ".txt"))]
     if not names:
         raise FileNotFoundError(f"no *{split}*.raw or *{split}*.txt file in {folder}")
-    return common.read_text(os.path.join(folder, names[0]), "--data file")
+    return os.path.join(folder, names[0])
+
+
+def file_id(path):
+    """What identifies a file's content cheaply: where it is, its size and its modification time."""
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def cache_path(cfg, split):
+    """The token cache of a split, keyed by its source (the local file's path, size and mtime, or the
+    Hub name) and the tokenizer: another folder of the same name, or a file edited in place, gets
+    its own cache instead of another's tokens."""
+    source = file_id(local_split(cfg.data, split)) if cfg.data else ["hub", cfg.dataset, split]
+    tokenizer = file_id(cfg.tokenizer_file) if cfg.tokenizer_file else "tiktoken gpt2"
+    key = hashlib.sha1(json.dumps([source, tokenizer]).encode()).hexdigest()[:16]
+    name = os.path.basename(os.path.normpath(cfg.data)) if cfg.data else cfg.dataset
+    return os.path.join(cfg.cache_dir, f"{name}-{key}", f"{split}.bin")
 
 
 def encode_split(text, enc):
@@ -100,10 +118,10 @@ def encode_split(text, enc):
 
 def load_tokens(cfg, split, enc):
     """Token ids of a split as a uint16 memmap, tokenised once and cached (nanoGPT's train.bin)."""
-    source = os.path.basename(os.path.normpath(cfg.data)) if cfg.data else cfg.dataset
-    path = os.path.join(cfg.cache_dir, source, f"{split}.bin")
+    path = cache_path(cfg, split)
     if not os.path.exists(path):
-        text = local_split(cfg.data, split) if cfg.data else common.wikitext_hub_text(cfg.dataset, split)
+        text = (common.read_text(local_split(cfg.data, split), "--data file") if cfg.data else
+                common.wikitext_hub_text(cfg.dataset, split))
         ids = encode_split(text, enc)
         if len(ids) == 0:
             raise ValueError(f"the {split} split of {cfg.data or cfg.dataset} holds no text")
@@ -167,6 +185,7 @@ def lr_at(step, cfg):
 
 
 def check_config(cfg, model_cfg):
+    common.check_positive(batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, block_size=cfg.block_size)
     masking.check_interval(cfg.t0, cfg.t1)
     if cfg.block_size > model_cfg.block_size:
         raise ValueError(f"block size {cfg.block_size} exceeds the model's {model_cfg.block_size}")
@@ -222,13 +241,20 @@ def md_micro_loss(model, x0, mask_id, cfg, generator, device, ce_fn, masked_head
     return masking.md_loss(logits, x0, masked, t, ce_fn=ce_fn), masked
 
 
-def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_run=False, quiet=False):
+def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_run=False, quiet=False,
+          allow_change=()):
     """One run: writes out_dir/{ckpt.pt, history.json, summary.json}; returns the summary."""
+    if not dry_run:
+        common.check_fresh(out_dir, resume)
     rank, world, device = setup_distributed(device)
     master = rank == 0
     log = (lambda *a, **k: None) if quiet or not master else print
     ckpt = os.path.join(out_dir, "ckpt.pt")
     state = common.load_checkpoint(ckpt) if resume and os.path.exists(ckpt) else None   # read before any write
+    changes = {}
+    if state is not None:
+        changes = {**state.get("changes", {}), **common.check_resume_settings(
+            state["config"], asdict(cfg), ckpt, allow_change, ignore=("log_every", "ckpt_every", "cache_dir"))}
     common.set_seed(cfg.seed + rank)
     model, enc = build(cfg, device, compile_model)
     train_tokens = load_tokens(cfg, cfg.train_split, enc)
@@ -312,9 +338,12 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
         if master and not dry_run and (step % cfg.ckpt_every == 0 or step == max_steps):
             common.atomic_torch_save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step,
                                           data_gen=data_gen.get_state(), mask_gen=mask_gen.get_state(),
-                                          rng=common.rng_state(), history=history, config=asdict(cfg)), ckpt)
+                                          rng=common.rng_state(), history=history, config=asdict(cfg),
+                                          changes=changes), ckpt)
             last_ckpt_step = step
     summary = summarize(cfg, history, model, progress.elapsed())
+    if changes:
+        summary["changed_on_resume"] = changes          # {setting: [checkpoint's, now]}
     if master and not dry_run:
         common.write_json(os.path.join(out_dir, "history.json"), history)
         common.write_json(os.path.join(out_dir, "summary.json"), summary)
@@ -535,11 +564,12 @@ def print_profile(step, cuda, n_steps=3):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'WikiText'.")
     common.add_common_args(p, presets=PRESETS, preset="paper", t0=0.0, t1=1.0, out_dir="out/wikitext")
-    common.add_config_args(p, WikiConfig, lambda f: f"(paper preset: {f.default!r})",
+    common.add_config_args(p, WikiConfig, PRESETS["paper"], "paper preset",
                            skip=("t0", "t1", "seed", "max_steps", "masked_head"))
     p.add_argument("--full-head", action="store_true", help="run the output head on every position")
     p.add_argument("--sweep", action="store_true", help="Fig. 3/7: train every interval of --intervals")
-    p.add_argument("--intervals", default=None, help="T0-T1[,T0-T1...] (default: the ten width-0.1 ones + 0-1)")
+    p.add_argument("--intervals", default=None,
+                   help="--sweep: the intervals T0-T1[,T0-T1...] (default: the ten width-0.1 ones + 0-1)")
     p.add_argument("--interval", choices=["auto"], default=None,
                    help="auto: the window of --window around the t* of the training corpus (theory.py, F.4)")
     p.add_argument("--window", type=float, default=0.1, help="width of the --interval auto window (%(default)s)")
@@ -593,8 +623,10 @@ def main(argv=None):
                                                              "loss_per_t_bin.png" if a.plot else ""))
         return
     if not a.dry_run:
+        common.check_fresh(a.out_dir, a.resume)
         common.prepare_out_dir(a.out_dir)
-    summary, _ = train(cfg, a.out_dir, device=device, resume=a.resume, compile_model=a.compile, dry_run=a.dry_run)
+    summary, _ = train(cfg, a.out_dir, device=device, resume=a.resume, compile_model=a.compile, dry_run=a.dry_run,
+                       allow_change=a.allow_change)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     print(f"{describe(cfg)}: test loss {summary['test_loss']:.4f} nats/token (full-range bound), in-window train "

@@ -1,6 +1,8 @@
 """Every path a user can type, wrong in each way it can be wrong: one line on stderr
 ("error: ..."), never a traceback, and nothing overwritten before the error."""
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,6 +11,8 @@ import torch
 from conftest import ROOT, SHARED_DATA
 
 import common
+import eval_8b
+import model as model_lib
 import parity
 import theory
 import wikitext
@@ -66,7 +70,8 @@ def test_corrupt_checkpoint_is_one_line_and_nothing_is_overwritten(tmp_path):
 def test_checkpoint_of_another_configuration(tmp_path):
     out = str(tmp_path / "run")
     parity.main(PARITY + ["--out-dir", out])
-    msg = one_line_error(parity.main, PARITY + ["--out-dir", out, "--resume", "--hidden", "64", "--max-steps", "8"])
+    msg = one_line_error(parity.main, PARITY + ["--out-dir", out, "--resume", "--hidden", "64", "--max-steps", "8",
+                                                "--allow-change", "hidden", "max_steps"])
     assert "does not fit this run's settings" in msg
 
 
@@ -134,10 +139,246 @@ def test_load_checkpoint_reads_a_good_file(tmp_path):
     assert common.load_checkpoint(path)["x"].tolist() == [0, 1, 2]
 
 
-def test_import_graph_has_no_cycle():
-    """Dependencies flow one way: scripts -> {model, masking, theory, common}; theory imports no script."""
-    src = open(os.path.join(ROOT, "theory.py")).read()
-    assert "import wikitext" not in src and "import parity" not in src
-    for lib in ("common.py", "masking.py", "model.py"):
-        text = open(os.path.join(ROOT, lib)).read()
-        assert not any(f"import {m}" in text for m in ("wikitext", "parity", "theory", "pretrain_8b"))
+def test_import_graph_flows_one_way():
+    """scripts -> {model, masking, theory, common, fsdp}: no file imports a script (so no script
+    imports another), and the libraries import only one another."""
+    import ast
+    libs = {"model", "masking", "theory", "common", "fsdp"}
+    files = [f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")]
+    assert {"parity", "wikitext", "pretrain_8b", "sft_8b", "eval_8b"} <= set(files) and libs <= set(files)
+    for name in files:
+        tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        local = imported & set(files)
+        assert local <= libs - {name}, (name, local - libs)
+
+
+@pytest.mark.parametrize("script", ["parity", "wikitext", "theory", "pretrain_8b", "sft_8b", "eval_8b"])
+def test_every_flag_says_what_it_does(script):
+    """--help: each flag has words before its default, not only "(default)"."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script + ".py"), "--help"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "1000"}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    options = []                   # one entry per flag: its line and any continuation lines
+    for line in r.stdout.split("options:")[1].splitlines():
+        if line.startswith("  -"):
+            options.append(line.strip())
+        elif line.startswith("    ") and options:
+            options[-1] += "  " + line.strip()
+    assert len(options) > 5
+    for line in options:
+        flag, _, text = line.partition("  ")
+        assert re.search(r"[a-zA-Z]{3}", re.sub(r"\(.*?\)", "", text)), (script, line)
+        assert "Table 4: 'tiny'" not in line
+
+
+# ----------------------------------------------------------------------------- issue 19: nothing lost, nothing wrong
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def script_error(script, args, cwd=None):
+    """Run a script as a user would; it must fail with exactly one 'error:' line."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                       env=ENV, cwd=cwd or ROOT, timeout=300)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.strip().count("\n") == 0, r.stderr
+    return r.stderr
+
+
+def snapshot(folder):
+    return {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(folder) for f in fs}
+
+
+def docs_file(path, n=300, extra=()):
+    lines = [json.dumps({"text": f"document {i} says {' '.join(['word'] * (i % 7 + 3))}."}) for i in range(n)]
+    path.write_text("\n".join(lines + list(extra)) + "\n")
+    return str(path)
+
+
+def tiny_pretrain(data, out, *extra):
+    return ["--preset", "tiny", "--device", "cpu", "--data", data, "--out-dir", str(out), "--max-steps", "2",
+            "--save-every", "2", "--eval-every", "2", "--no-plot", *extra]
+
+
+@pytest.mark.parametrize("marker", ["summary.json", "step_0000008"])
+@pytest.mark.parametrize("script", ["pretrain_8b.py", "sft_8b.py"])
+def test_a_fresh_8b_run_refuses_an_out_dir_holding_a_run(tmp_path, script, marker):
+    out = tmp_path / "run"
+    (out / "step_0000004").mkdir(parents=True)
+    (out / "step_0000004" / "extra.pt").write_bytes(b"the earlier run")
+    (out / marker).mkdir() if marker.startswith("step_") else (out / marker).write_text("{}")
+    before = snapshot(out)
+    msg = script_error(script, ["--preset", "tiny", "--device", "cpu", "--data", str(tmp_path / "x.jsonl"),
+                                "--out-dir", str(out)])
+    assert "holds an earlier run" in msg and "--resume" in msg
+    assert snapshot(out) == before
+
+
+def test_a_fresh_parity_or_wikitext_run_refuses_an_earlier_run(tmp_path):
+    out = str(tmp_path / "run")
+    parity.main(PARITY + ["--out-dir", out])
+    before = snapshot(out)
+    assert "holds an earlier run" in one_line_error(parity.main, PARITY + ["--out-dir", out, "--t1", "0.5"])
+    assert "holds an earlier run" in one_line_error(wikitext.main, ["--out-dir", out, "--preset", "tiny"])
+    assert snapshot(out) == before
+
+
+def test_resume_with_other_settings_names_them_and_writes_nothing(tmp_path):
+    out = str(tmp_path / "run")
+    parity.main(PARITY + ["--out-dir", out])
+    before = snapshot(out)
+    msg = one_line_error(parity.main, PARITY + ["--out-dir", out, "--resume", "--t1", "0.5", "--lr", "0.01"])
+    assert "t1 0.246 -> 0.5" in msg and "lr 0.001 -> 0.01" in msg and "--allow-change" in msg
+    assert snapshot(out) == before
+    # knowingly: allowed, and recorded beside the results
+    parity.main(PARITY + ["--out-dir", out, "--resume", "--max-steps", "6", "--allow-change", "max_steps"])
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["changed_on_resume"] == {"max_steps": [4, 6]} and summary["settings"]["max_steps"] == 6
+
+
+def test_8b_resume_with_another_interval_is_refused(tmp_path):
+    data = docs_file(tmp_path / "docs.jsonl")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_8b.py"),
+                        *tiny_pretrain(data, tmp_path / "run")],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = snapshot(tmp_path / "run")
+    msg = script_error("pretrain_8b.py", tiny_pretrain(data, tmp_path / "run", "--resume", "--t0", "0.45",
+                                                       "--t1", "0.55"))
+    assert "t0 0.0 -> 0.45" in msg and "t1 1.0 -> 0.55" in msg
+    assert snapshot(tmp_path / "run") == before
+
+
+@needs_data
+def test_wikitext_cache_is_keyed_by_content(tmp_path):
+    """Two folders of one name, and a file edited in place, each get their own tokens."""
+    a, b = tmp_path / "a" / "wt", tmp_path / "b" / "wt"
+    for folder, text in ((a, "alpha beta gamma " * 300), (b, "one two three four " * 300)):
+        folder.mkdir(parents=True)
+        for split in ("train", "test"):
+            (folder / f"{split}.txt").write_text(text)
+    cfg = wikitext.WikiConfig(**{**wikitext.PRESETS["tiny"], "data": str(a), "tokenizer_file": RANKS,
+                                 "cache_dir": str(tmp_path / "cache")})
+    enc = common.gpt2_tokenizer(RANKS)
+    ta = wikitext.load_tokens(cfg, "train", enc)
+    tb = wikitext.load_tokens(wikitext.replace(cfg, data=str(b)), "train", enc)
+    assert ta.tolist() == enc.encode_ordinary("alpha beta gamma " * 300)
+    assert tb.tolist() == enc.encode_ordinary("one two three four " * 300)
+    (a / "train.txt").write_text("changed in place " * 200)
+    assert wikitext.load_tokens(cfg, "train", enc).tolist() == enc.encode_ordinary("changed in place " * 200)
+    (tmp_path / "empty" / "wt").mkdir(parents=True)
+    (tmp_path / "empty" / "wt" / "train.txt").write_text("")
+    with pytest.raises(ValueError, match="holds no text"):
+        wikitext.load_tokens(wikitext.replace(cfg, data=str(tmp_path / "empty" / "wt")), "train", enc)
+
+
+@pytest.mark.parametrize("script,args,want", [
+    ("pretrain_8b.py", ["--preset", "tiny", "--micro-batch", "0"], "--micro-batch must be positive"),
+    ("pretrain_8b.py", ["--dry-run", "--micro-batch", "-2"], "--micro-batch must be positive"),
+    ("pretrain_8b.py", ["--preset", "tiny", "--batch-size", "0"], "--batch-size must be positive"),
+    ("sft_8b.py", ["--preset", "tiny", "--micro-batch", "0"], "--micro-batch must be positive"),
+    ("sft_8b.py", ["--dry-run", "--batch-size", "0"], "--batch-size must be positive"),
+    ("wikitext.py", ["--preset", "tiny", "--micro-batch", "0"], "--micro-batch must be positive"),
+    ("wikitext.py", ["--preset", "tiny", "--batch-size", "0", "--dry-run"], "--batch-size must be positive"),
+    ("parity.py", ["--micro-batch", "-1"], "--micro-batch must be >= 0"),
+    ("theory.py", ["--draws", "0"], "--draws must be positive"),
+    ("eval_8b.py", ["--tasks", "arc_easy", "--mc-num", "0"], "--mc-num must be positive"),
+    ("eval_8b.py", ["--tasks", "arc_easy", "--mc-batch", "-1"], "--mc-batch must be positive"),
+    ("eval_8b.py", ["--tasks", "arc_easy", "--batch-size", "0"], "--batch-size must be positive"),
+    ("eval_8b.py", ["--tasks", "arc_easy", "--cfg", "-0.5"], "--cfg must be >= 0"),
+    ("eval_8b.py", ["--tasks", "arc_easy", "--limit", "0"], "--limit must be positive"),
+])
+def test_sizes_are_checked_before_anything_loads(tmp_path, script, args, want):
+    msg = script_error(script, [*args, "--out-dir", str(tmp_path / "out")]
+                       + ([] if script == "theory.py" else ["--device", "cpu"]), cwd=tmp_path)
+    assert want in msg
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated"])
+def test_bad_pretraining_jsonl_is_one_line(tmp_path, case):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("" if case == "empty" else '{"text": "a whole document"}\n{"text": "cut sh')
+    msg = script_error("pretrain_8b.py", tiny_pretrain(str(path), tmp_path / "run"))
+    assert ("is empty" if case == "empty" else "JSON parse error") in msg
+
+
+def test_pretraining_rows_without_text_are_counted_not_dropped(tmp_path):
+    data = docs_file(tmp_path / "docs.jsonl")
+    lines = open(data).read().splitlines()
+    for i in (1, 3, 5, 7, 9):                      # among the first rows, which every run reads
+        lines[i] = json.dumps({"body": f"no text {i}"})
+    open(data, "w").write("\n".join(lines) + "\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_8b.py"),
+                        *tiny_pretrain(data, tmp_path / "run")],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["skipped_rows"]["no 'text' field"] == 5, summary["skipped_rows"]
+    assert "skipped rows" in r.stdout and "5 no 'text' field" in r.stdout
+
+
+def test_export_path_that_is_a_file_is_refused_before_training(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    msg = script_error("pretrain_8b.py", tiny_pretrain(str(tmp_path / "x.jsonl"), tmp_path / "run", "--export",
+                                                       str(tmp_path / "taken")))
+    assert "--export" in msg and "not a folder" in msg and not (tmp_path / "run" / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["out/sft/exprt", "../models/llada-typo", "typo"])
+def test_init_that_does_not_exist_names_where_it_looked(tmp_path, name):
+    (tmp_path / "out").mkdir()
+    msg = script_error("sft_8b.py", ["--init", name, "--device", "cpu", "--out-dir", str(tmp_path / "run")],
+                       cwd=tmp_path)
+    assert f"--init {name}" in msg and os.path.abspath(os.path.join(tmp_path, name)) in msg
+    assert "not tried as a Hub id" in msg and "tokenizer" not in msg
+
+
+def test_hub_style_init_that_cannot_be_had_names_both(tmp_path):
+    msg = script_error("sft_8b.py", ["--init", "nobody-here/no-model", "--device", "cpu", "--out-dir",
+                                     str(tmp_path / "run")], cwd=tmp_path)
+    assert str(tmp_path / "nobody-here" / "no-model") in msg and "the Hub id nobody-here/no-model" in msg
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated-jsonl", "truncated-csv"])
+def test_bad_local_task_files_are_one_line(tmp_path, case):
+    data = tmp_path / "evals"
+    (data / "arc_easy").mkdir(parents=True)
+    (data / "mmlu" / "test").mkdir(parents=True)
+    path = data / "arc_easy" / "ARC-Easy-test.jsonl"
+    if case == "empty":
+        path.write_text("\n")
+    elif case == "truncated-jsonl":
+        path.write_text('{"id": "1", "question": "q"}\n{"id": "2", "quest')
+    else:
+        path = data / "mmlu" / "test" / "abstract_algebra_test.csv"
+        path.write_text("question,choice0,choice1,choice2,choice3,answer\nq,a,b,c,d,1\nq2,a,b")
+    with pytest.raises(ValueError, match="holds no items" if case == "empty" else "truncated"):
+        eval_8b.check_task_file(str(path))
+
+
+@needs_data
+def test_a_failing_evaluation_leaves_a_finished_one_as_it_was(tmp_path):
+    pytest.importorskip("lm_eval")
+    import shutil
+    import fsdp
+    m = model_lib.Transformer(model_lib.get_config("tiny", vocab_size=262, mask_id=257, block_size=64))
+    folder = tmp_path / "export"
+    model_lib.save_safetensors(m, str(folder))
+    (folder / "config.json").write_text(json.dumps(model_lib.config_to_json(m.cfg, eos_token_id=256)))
+    fsdp.byte_tokenizer().save(str(folder / "tokenizer.json"))
+    data = tmp_path / "evals"
+    shutil.copytree(os.path.join(SHARED_DATA, "evals", "arc_challenge"), data / "arc_challenge")
+    args = ["--checkpoint", str(folder), "--tasks", "arc_challenge", "--data-dir", str(data), "--limit", "2",
+            "--device", "cpu", "--mc-num", "2", "--out-dir", str(tmp_path / "eval")]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval_8b.py"), *args], capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    written = ("summary.json", "results.md", "lm_eval_arc_challenge.json")
+    results = {f: (tmp_path / "eval" / f).read_bytes() for f in written}
+    path = data / "arc_challenge" / "ARC-Challenge-test.jsonl"
+    path.write_text(path.read_text()[:5000])                     # cut mid-line
+    assert "truncated" in script_error("eval_8b.py", args)
+    assert {f: (tmp_path / "eval" / f).read_bytes() for f in results} == results
+    assert not [f for f in os.listdir(tmp_path / "eval") if f.endswith(".tmp")]

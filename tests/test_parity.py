@@ -102,16 +102,17 @@ def test_same_seed_same_curve_and_resume(tmp_path):
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]
     assert strip(a) == strip(b)
     parity.train(parity.ParityConfig(**{**cfg.__dict__, "max_steps": 40}), str(tmp_path / "c"), quiet=True)
-    _, c = parity.train(cfg, str(tmp_path / "c"), resume=True, quiet=True)
+    _, c = parity.train(cfg, str(tmp_path / "c"), resume=True, quiet=True, allow_change=("max_steps",))
     assert strip(c) == strip(a)
 
 
 def test_transformer_and_label_objective_run(tmp_path):
-    for kw in (dict(model="transformer", n_layer=1, d_model=32, n_head=2, mlp_hidden=64, batch_size=64),
-               dict(model="transformer", embed="joint", n_layer=1, d_model=32, n_head=2, mlp_hidden=64,
-                    batch_size=64, objective="label"),
-               dict(objective="label"), dict(loss="ce"), dict(secret_only=True), dict(fresh=True, batch_size=64)):
-        s, h = parity.train(small(max_steps=4, eval_every=2, **kw), str(tmp_path / str(len(kw))), quiet=True)
+    for i, kw in enumerate((dict(model="transformer", n_layer=1, d_model=32, n_head=2, mlp_hidden=64, batch_size=64),
+                            dict(model="transformer", embed="joint", n_layer=1, d_model=32, n_head=2, mlp_hidden=64,
+                                 batch_size=64, objective="label"),
+                            dict(objective="label"), dict(loss="ce"), dict(secret_only=True),
+                            dict(fresh=True, batch_size=64))):
+        s, h = parity.train(small(max_steps=4, eval_every=2, **kw), str(tmp_path / str(i)), quiet=True)
         assert 0 <= s["val_acc"] <= 1 and len(h) == 2
 
 

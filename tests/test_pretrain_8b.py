@@ -10,12 +10,12 @@ import sys
 import time
 
 import pytest
-import torch
 import torch.distributed as dist
 from conftest import ROOT
 
 import common
 import model as model_lib
+import fsdp
 import pretrain_8b
 
 SCRIPT = os.path.join(ROOT, "pretrain_8b.py")
@@ -121,12 +121,13 @@ def test_killed_run_resumes_with_the_same_next_step_loss(tmp_path):
                              "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
                             start_new_session=True)
     deadline = time.time() + 120
-    while not pretrain_8b.checkpoints(str(tmp_path / "a")) and time.time() < deadline:
+    while not fsdp.checkpoints(str(tmp_path / "a")) and time.time() < deadline:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)                     # kill -9, possibly in the middle of a save
     proc.wait()
-    step = int(os.path.basename(pretrain_8b.checkpoints(str(tmp_path / "a"))[-1])[5:])
-    launch([*args, "--out-dir", str(tmp_path / "a"), "--max-steps", str(step + 2), "--resume"], nproc=1)
+    step = int(os.path.basename(fsdp.checkpoints(str(tmp_path / "a"))[-1])[5:])
+    launch([*args, "--out-dir", str(tmp_path / "a"), "--max-steps", str(step + 2), "--resume",
+            "--allow-change", "max_steps"], nproc=1)
     launch([*args, "--out-dir", str(tmp_path / "b"), "--max-steps", str(step + 2)], nproc=1)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert a[step + 1] == b[step + 1] and a[step + 2] == b[step + 2]      # bit-identical on one CPU process
@@ -139,12 +140,12 @@ def test_export_loads_back_with_the_same_heldout_nll(runs):
     m = model_lib.Transformer(model_lib.config_from_json(config))
     model_lib.load_safetensors(m, folder)
     cfg = pretrain_8b.PretrainConfig(**json.load(open(os.path.join(runs["two"], "summary.json")))["settings"])
-    tok = pretrain_8b.load_tokenizer(folder)
+    tok = fsdp.load_tokenizer(folder)
     assert tok.encode("hé").ids == [104, 195, 169]
     ds = pretrain_8b.open_documents(cfg)
-    seqs, _ = pretrain_8b.held_out_set(ds, tok, 256, cfg, "test")
+    seqs, _, _ = pretrain_8b.held_out_set(ds, tok, 256, cfg, "test")
     with world_of_one(tmp_dir=runs["tmp"]):
-        nll = pretrain_8b.heldout_nll(m, seqs, cfg, "cpu")
+        nll = fsdp.heldout_nll(m, seqs, cfg, "cpu")
     assert nll == pytest.approx(json.load(open(os.path.join(runs["two"], "summary.json")))["test_loss"], abs=1e-4)
 
 
@@ -159,25 +160,6 @@ class world_of_one:
         dist.destroy_process_group()
 
 
-def test_export_of_an_fsdp_model_gives_the_same_logits(tmp_path):
-    tok = pretrain_8b.byte_tokenizer()
-    ids = pretrain_8b.token_ids(tok)
-    mc = pretrain_8b.model_config("tiny", ids)
-    x = torch.randint(0, 256, (2, 20))
-    with world_of_one(tmp_path):
-        m = pretrain_8b.build_model(mc, "cpu", seed=3, mixed_precision=False)
-        want = m(x).detach()
-        m.reshard()
-        pretrain_8b.export(m, str(tmp_path / "export"), tok, ids, "float32")
-    back = model_lib.Transformer(model_lib.config_from_json(json.load(open(tmp_path / "export" / "config.json"))))
-    model_lib.load_safetensors(back, str(tmp_path / "export"))
-    assert torch.allclose(back(x), want, atol=1e-6)
-    # and the sharded init is the unsharded one: the same weights whatever the world size
-    ref = model_lib.Transformer(mc)
-    ref.init_weights(seed=3)
-    assert torch.allclose(ref(x), want, atol=1e-6)
-
-
 def test_a_tokenizer_built_with_tokenizers(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     data = corpus(tmp_path / "corpus.txt")
@@ -186,7 +168,7 @@ def test_a_tokenizer_built_with_tokenizers(tmp_path):
     tok.train([data], trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "<|endoftext|>",
                                                                          "<|mdm_mask|>"]))
     tok.save(str(tmp_path / "tok.json"))
-    ids = pretrain_8b.token_ids(Tokenizer.from_file(str(tmp_path / "tok.json")))
+    ids = fsdp.token_ids(Tokenizer.from_file(str(tmp_path / "tok.json")))
     assert ids["eos"] == 1 and ids["mask"] == 2
     launch(["--preset", "tiny", "--device", "cpu", "--data", data, "--tokenizer", str(tmp_path / "tok.json"),
             "--out-dir", str(tmp_path / "run"), "--max-steps", "4", "--no-plot"], nproc=1)
@@ -195,36 +177,10 @@ def test_a_tokenizer_built_with_tokenizers(tmp_path):
     assert Tokenizer.from_file(str(tmp_path / "run" / "export" / "tokenizer.json")).to_str() == tok.to_str()
 
 
-def test_tokenizer_checks():
-    from tokenizers import Tokenizer, models
-    ids = dict(eos=5, mask=6, vocab=200_000, special={5, 6}, bos=None)
-    with pytest.raises(ValueError, match="200,000 ids"):
-        pretrain_8b.model_config("llada-8b", ids)
-    # <|mdm_mask|> a real (non-special) token of the vocabulary: MASK would collide with text
-    tok = Tokenizer(models.WordLevel({"a": 0, "<|endoftext|>": 1, "<|mdm_mask|>": 2, "[UNK]": 3}, unk_token="[UNK]"))
-    with pytest.raises(ValueError, match="is a real token"):
-        pretrain_8b.model_config("tiny", pretrain_8b.token_ids(tok))
-
-
 def test_dry_run_prints_the_8b_plan():
     r = launch(["--dry-run"], nproc=1)
     assert "8,015,581,184 parameters" in r.stdout
     assert "8 GPUs, micro-batch 2 (8 accumulation steps)" in r.stdout and "implies" in r.stdout
-    out = pretrain_8b.plan(pretrain_8b.PretrainConfig(), 8, 0.4)
-    # FLOPs per token: 6 N (head on half the positions) + bidirectional attention 12 n_layer d L
-    body, head = 8_015_581_184 - 2 * 126464 * 4096, 126464 * 4096
-    assert out["flops_per_token"] == 6 * (body + 0.5 * head) + 12 * 32 * 4096 * 4096
-    assert out["gib"]["params"] == pytest.approx(4 * 8_015_581_184 / 8 / 2**30)
-    out = pretrain_8b.plan(pretrain_8b.PretrainConfig(), 8, 0.4, paper_hours=20)
-    assert 0.3 < out["paper_hours_mfu"] < 1.0
-
-
-def test_wsd_schedule():
-    cfg = pretrain_8b.PretrainConfig(max_steps=100, warmup=10, lr=1.0, min_lr=0.1, decay_frac=0.2)
-    lrs = [pretrain_8b.lr_at(s, cfg) for s in range(100)]
-    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[79] == 1.0
-    assert lrs[80] == 1.0 and lrs[99] == pytest.approx(1.0 + 19 / 20 * (0.1 - 1.0))
-    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
 
 
 def test_benchmark_runs_on_cpu():
@@ -243,7 +199,7 @@ def test_errors_under_torchrun_are_one_line_on_rank_0_and_every_rank_exits(tmp_p
     assert r.returncode != 0
     ours = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
     assert len(ours) == 1, r.stderr
-    assert ("multiple of micro-batch 2 x 2" if case == "batch" else "held-out documents") in ours[0]
+    assert ("multiple of micro-batch 2 x 2" if case == "batch" else "is empty") in ours[0]
     assert "pretrain_8b.py\", line" not in r.stderr               # no traceback from our processes
 
 
@@ -255,13 +211,13 @@ def test_bad_input_is_one_line(tmp_path, case):
             "--no-plot"]
     if case in ("corrupt", "half-written"):
         launch(args, nproc=1)
-        ckpt = pretrain_8b.checkpoints(str(out))[-1]
+        ckpt = fsdp.checkpoints(str(out))[-1]
         if case == "corrupt":
             shard = os.path.join(ckpt, "__0_0.distcp")
             open(shard, "r+b").truncate(100)
         else:
             os.remove(os.path.join(ckpt, ".metadata"))              # killed before the metadata was written
-        args += ["--resume", "--max-steps", "4"]
+        args += ["--resume", "--max-steps", "4", "--allow-change", "max_steps"]
     elif case == "missing":
         args[args.index("--data") + 1] = str(tmp_path / "nowhere.txt")
     elif case == "t0>t1":

@@ -1,0 +1,617 @@
+"""
+The machinery the LLaDA-8B scripts share (pretrain_8b.py, sft_8b.py, eval_8b.py), in torchtitan's
+shape without its framework: one small function per concern.
+
+    torchrun setup and rank agreement -> tokenizer -> FSDP2 model on `meta` -> the training loop over
+    data slots (pre-training's and SFT's) -> DCP checkpoints and resume -> LLaDA-format export,
+    plus the --dry-run plan, --benchmark and Fig. 4's plot.
+
+No science lives here: the loss and masks are masking.py's, the network model.py's. Every rank runs
+the same code; rank 0 alone prints and writes shared files; a user error is agreed on by every rank
+(`on_every_rank`) so that all of them exit with the same one line.
+"""
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, replace
+
+import torch
+import torch.distributed as dist
+
+import common
+import masking
+import model as model_lib
+
+LLADA = "GSAI-ML/LLaDA-8B-Base"
+
+
+# ----------------------------------------------------------------------------- distributed setup
+
+def setup_distributed(device):
+    """One process per GPU under torchrun (NCCL; gloo on CPUs). A plain `python` run is a world of
+    one, so FSDP2 and the sharded checkpoints run the same way everywhere. Returns (rank, world, device)."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)                       # torchrun's environment
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agree(error, device):
+    """Every rank says whether it hit a user error; if any did, every rank raises the first one's
+    message, so no rank is left waiting in a collective. One all-reduce when all is well."""
+    failed = torch.tensor([1.0 if error else 0.0], device=device)
+    dist.all_reduce(failed)
+    if failed.item():
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, error)
+        raise ValueError(next(m for m in messages if m))
+
+
+def on_every_rank(fn, device, *args):
+    """fn(*args) on every rank, its user errors (ValueError, OSError) agreed on by all ranks."""
+    out, error = None, None
+    try:
+        out = fn(*args)
+    except (ValueError, OSError) as e:
+        error = str(e)
+    agree(error, device)
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+SPECIALS = ["<|endoftext|>", "<|mdm_mask|>", "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|eot_id|>"]       # LLaDA's EOS, MASK, BOS and chat-template tokens
+
+
+def byte_tokenizer():
+    """256 byte ids, then LLaDA's special tokens (EOS = 256, MASK = 257, BOS, and the chat template's
+    header and end-of-turn tokens), as a `tokenizers` Tokenizer: no file, no download, and it saves
+    and loads like LLaDA's tokenizer.json."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    tok = Tokenizer(models.BPE(vocab={f"<0x{b:02X}>": b for b in range(256)}, merges=[], byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
+    return tok
+
+
+def load_tokenizer(name):
+    """"" -> bytes; a tokenizer.json file, or a folder holding one; anything else a Hub id."""
+    from tokenizers import Tokenizer
+    if not name:
+        return byte_tokenizer()
+    path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+    local = os.path.exists(path) or name.startswith((".", "/")) or name.endswith(".json")
+    if local and not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer {path} does not exist")
+    try:
+        return Tokenizer.from_file(path) if local else Tokenizer.from_pretrained(name)
+    except Exception as e:      # offline, unknown Hub id, not a tokenizer.json
+        raise ValueError(f"could not load tokenizer {name!r} ({type(e).__name__}); pass --tokenizer with a local "
+                         f"tokenizer.json, or '' for bytes") from None
+
+
+def token_ids(tok, model_cfg=None):
+    """EOS, MASK (and BOS when there is one) of a tokenizer, its vocabulary size (one past the
+    largest id) and its special ids (which text never encodes to)."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    ids = dict(eos=tok.token_to_id("<|endoftext|>"), mask=tok.token_to_id("<|mdm_mask|>"),
+               bos=tok.token_to_id("<|startoftext|>"), vocab=max(vocab.values()) + 1,
+               special={i for i, t in tok.get_added_tokens_decoder().items() if t.special})
+    if ids["eos"] is None:
+        raise ValueError("the tokenizer has no <|endoftext|> token to end documents with")
+    if ids["mask"] is None:
+        if model_cfg is None:
+            raise ValueError("the tokenizer has no <|mdm_mask|> token")
+        ids["mask"] = model_cfg.mask_id
+    return ids
+
+
+def model_config(preset, ids, **overrides):
+    """The model preset, its vocabulary sized from the tokenizer where the preset is not LLaDA's
+    (LLaDA keeps its padded 126,464), checked: every id fits, MASK is no real token."""
+    cfg = model_lib.get_config(preset, **overrides)
+    if not preset.startswith("llada"):
+        cfg = replace(cfg, vocab_size=ids["vocab"], mask_id=ids["mask"])
+    if ids["vocab"] > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {ids['vocab']:,} ids; model preset {preset} only {cfg.vocab_size:,}")
+    masking.check_mask_id(ids["mask"], ids["vocab"], cfg.vocab_size, ids["special"])
+    return replace(cfg, mask_id=ids["mask"])
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(model_cfg, device, seed, mixed_precision, compile_model=False):
+    """On `meta` (no memory), FSDP2 per block then the root, materialised on `device` and
+    initialised shard by shard: no rank ever holds the whole model."""
+    with torch.device("meta"):
+        m = model_lib.Transformer(model_cfg)
+    if compile_model:                      # each block's forward; FSDP's hooks stay outside the graph
+        for block in m.transformer.blocks:
+            block.forward = torch.compile(block.forward)
+    model_lib.apply_fsdp(m, mixed_precision=mixed_precision)
+    m.to_empty(device=device)
+    m.init_weights(seed=seed)
+    return m
+
+
+def loss_ce(compile_model):
+    """Per-token CE of the loss: compiled, the fp32 upcast fuses into the softmax, so the
+    (masked tokens x 126,464) logits never exist in fp32."""
+    return torch.compile(masking.token_ce, dynamic=True) if compile_model else masking.token_ce
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def lr_at(step, cfg):
+    """Linear warm-up, then wsd (constant, then linear decay to min_lr over the last decay_frac of
+    the steps; LLaDA's shape), cosine to min_lr, or constant."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        frac = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+        return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
+    decay_start = cfg.max_steps - int(cfg.decay_frac * cfg.max_steps)
+    if step < decay_start:
+        return cfg.lr
+    frac = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+    return cfg.lr + frac * (cfg.min_lr - cfg.lr)
+
+
+def md_micro_loss(model, x0, mask_id, cfg, gen, ce_fn, maskable=None):
+    """One draw of the MD objective on a micro-batch: t ~ U[t0, t1], the masks, the loss with the
+    head at masked positions only. maskable: SFT's answer positions. Returns (loss, masked)."""
+    t = masking.sample_t(len(x0), cfg.t0, cfg.t1, generator=gen, device=x0.device)          # Def. 3.4
+    xt, masked = masking.mask_tokens(x0, t, mask_id, maskable=maskable, generator=gen)
+    logits = model(xt, output_mask=masked)
+    return masking.md_loss(logits, x0, masked, t, maskable=maskable, ce_fn=ce_fn), masked       # Eq. (1)
+
+
+@torch.no_grad()
+
+
+def heldout_nll(model, seqs, cfg, device, maskable=None):
+    """Fig. 4's held-out NLL: masking's full-range bound, t over all of [0, 1]. Chunk c of
+    eval_batch sequences is scored by rank c % world with a generator seeded by c, so the masks
+    are the same for every run and world size; ranks short of a chunk run a dummy forward (FSDP
+    needs every rank in every forward)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model.eval()
+    chunks = list(seqs.split(cfg.eval_batch))
+    masks = list(maskable.split(cfg.eval_batch)) if maskable is not None else [None] * len(chunks)
+    total = torch.zeros(2, device=device)            # summed nll, number of draws
+    for c in range(rank, math.ceil(len(chunks) / world) * world, world):
+        real = c < len(chunks)
+        part = chunks[c if real else 0].to(device)
+        valid = masks[c if real else 0]
+        g = torch.Generator(device).manual_seed(1234 + c)
+        _, nll = masking.elbo_terms(lambda xt: model(xt, output_mask=xt == model.cfg.mask_id), part,
+                                    model.cfg.mask_id, n_t=cfg.eval_draws, generator=g,
+                                    maskable=None if valid is None else valid.to(device))
+        if real:
+            total += torch.stack([nll.float().sum(), torch.tensor(float(len(nll)), device=device)])
+    dist.all_reduce(total)
+    if hasattr(model, "reshard"):
+        model.reshard()      # FSDP2 keeps the root gathered after a forward without backward
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+class Logger:
+    """Rank 0 prints each record and appends it to OUT_DIR/log.jsonl; other ranks are silent."""
+
+    def __init__(self, out_dir, active):
+        self.path = os.path.join(out_dir, "log.jsonl") if active else None
+
+    def __call__(self, text, **record):
+        if self.path:
+            print(text, flush=True)
+            if record:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+
+
+def check_config(cfg, world):
+    """User errors that every rank finds alike, before any work (pre-training's and SFT's settings)."""
+    common.check_positive(batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, block_size=cfg.block_size)
+    masking.check_interval(cfg.t0, cfg.t1)
+    if cfg.batch_size % (cfg.micro_batch * world):
+        raise ValueError(f"the global batch of {cfg.batch_size} sequences is not a multiple of micro-batch "
+                         f"{cfg.micro_batch} x {world} processes; change --batch-size or --micro-batch")
+    if cfg.schedule not in ("wsd", "cosine", "constant"):
+        raise ValueError(f"--schedule must be wsd, cosine or constant, got {cfg.schedule!r}")
+    positive = ("max_steps", "eval_every", "save_every", "log_every", "eval_seqs", "eval_docs", "eval_rows",
+                "eval_draws", "eval_batch", "keep", "block_size", "micro_batch")
+    if min(getattr(cfg, name) for name in positive if hasattr(cfg, name)) <= 0:
+        raise ValueError("steps, intervals, sizes and --keep must be positive")
+    if cfg.export_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--export-dtype must be float32 or bfloat16, got {cfg.export_dtype!r}")
+    if not 0 <= getattr(cfg, "random_length_prob", 0) <= 1:
+        raise ValueError(f"--random-length-prob must lie in [0, 1], got {cfg.random_length_prob}")
+
+
+BOOKKEEPING = ("log_every", "save_every", "keep", "export_dtype", "grad_checkpoint")   # change no result
+
+
+def prepare_run(out_dir, export_dir, resume, rank, device):
+    """Before any work, on rank 0, agreed by all: a fresh run never touches an earlier one's
+    --out-dir, the export path is a folder (or new), and the out-dir is writable."""
+    def check():
+        if rank != 0:
+            return
+        common.check_fresh(out_dir, resume)
+        if export_dir and os.path.exists(export_dir):
+            if not os.path.isdir(export_dir):
+                raise ValueError(f"--export {export_dir} exists and is not a folder")
+            if os.listdir(export_dir) and not resume:
+                raise ValueError(f"--export {export_dir} holds an earlier export; choose another --export")
+        common.prepare_out_dir(out_dir)
+    on_every_rank(check, device)
+
+
+def resume_from(latest, model, opt, slots, n_slots, device, cfg, allow_change=()):
+    """Model, optimizer and every slot's state from the newest complete checkpoint (if any), after
+    checking that it was written with this run's settings; returns (step, history, seconds
+    trained so far, the settings changed knowingly with --allow-change) as the `run` dict the loop
+    carries."""
+    if latest is None:
+        return dict(step=0, history=[], seconds=0.0, changes={})
+    extra = on_every_rank(read_extra, device, latest)
+    changes = on_every_rank(lambda: {**extra.get("changes", {}), **common.check_resume_settings(
+        extra["config"], asdict(cfg), latest, allow_change, ignore=BOOKKEEPING)}, device)
+    load_checkpoint(latest, model, opt, device)
+    if len(extra["slots"]) != n_slots:
+        raise ValueError(f"checkpoint {latest} has {len(extra['slots'])} data slots, this run {n_slots} "
+                         f"(batch / micro-batch); resume with the same --batch-size and --micro-batch")
+    for i, slot in slots.items():
+        slot.load_state_dict(extra["slots"][i])
+    return dict(step=extra["step"], history=extra["history"], seconds=extra["seconds"], changes=changes)
+
+
+def resumed(latest, run):
+    changed = f" with settings changed knowingly: {run['changes']}" if run["changes"] else ""
+    return f"resumed {latest} at step {run['step']}{changed}"
+
+
+def train_loop(cfg, model, opt, slots, batches, evaluate, out_dir, device, ce_fn, log, run):
+    """The loop pre-training and SFT share. batches(step) gives this rank's micro-batches, one
+    (x0, maskable) per slot in slot order; each is masked with its slot's generator. Every
+    eval_every steps evaluate() gives the held-out NLL; every save_every steps a checkpoint
+    holds the model, optimizer and every slot's state. `run` (step, history, seconds, changes; from
+    resume_from) is carried on and returned."""
+    step, history, seconds = run["step"], run["history"], run["seconds"]
+    world, cuda = dist.get_world_size(), device.startswith("cuda")
+    peak = model_lib.device_peak_flops(device)
+    progress, t_log, window = common.Progress(cfg.max_steps, start=step), time.time(), []
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        micro = on_every_rank(batches, device, step)
+        loss_sum, masked_frac = torch.zeros((), device=device), torch.zeros((), device=device)
+        for i, (x0, maskable) in zip(sorted(slots), micro):
+            maskable = None if maskable is None else maskable.to(device)
+            loss, masked = md_micro_loss(model, x0.to(device), model.cfg.mask_id, cfg, slots[i].gen, ce_fn, maskable)
+            (loss / len(micro)).backward()
+            loss_sum += loss.detach() / len(micro)
+            masked_frac += masked.float().mean() / len(micro)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        L = micro[0][0].shape[1]
+        stats = torch.stack([loss_sum, masked_frac])
+        dist.all_reduce(stats)
+        loss_val, frac = (stats / world).tolist()
+        lengths = torch.tensor([L, -L], device=device)
+        dist.all_reduce(lengths, op=dist.ReduceOp.MAX)
+        if lengths.sum().item() != 0:              # a bug, not a user error: every rank sees it alike
+            raise RuntimeError(f"ranks trained step {step} on different lengths ({-lengths[1].item()}.."
+                               f"{lengths[0].item()})")
+        if not math.isfinite(loss_val):
+            raise ValueError(f"the training loss became {loss_val} at step {step}; stopped. The last complete "
+                             f"checkpoint is {(checkpoints(out_dir) or ['none'])[-1]}")
+        window.append((loss_val, frac, cfg.batch_size * L))
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            dt = time.time() - t_log
+            tok_s = sum(w[2] for w in window) / dt
+            mean_frac = sum(w[1] for w in window) / len(window)
+            mfu = model_lib.estimate_mfu(model.flops_per_token(cfg.block_size, mean_frac), tok_s / world, peak)
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+            grad_norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else float(norm)
+            rec = dict(step=step, loss=sum(w[0] for w in window) / len(window), lr=lr, grad_norm=grad_norm,
+                       seq_len=L, tokens_per_sec=tok_s, tokens_per_sec_per_gpu=tok_s / world, mfu=mfu,
+                       peak_mem_gib=mem, seconds=seconds + progress.elapsed())
+            log(f"step {step:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | grad norm {grad_norm:.2f} | "
+                f"{tok_s:,.0f} tok/s ({tok_s / world:,.0f}/GPU)" + (f" | MFU {100 * mfu:.1f}%" if mfu else "")
+                + (f" | peak mem {mem:.1f} GiB" if mem else "") + f" | {progress.eta(step)}", **rec)
+            history.append(rec)
+            t_log, window = time.time(), []
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            nll = evaluate()
+            history.append(dict(step=step, test_loss=nll))
+            log(f"step {step:6d} | held-out NLL {nll:.4f} (full-range bound, nats/token)", step=step, test_loss=nll)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            states = [None] * world
+            dist.all_gather_object(states, {i: s.state_dict() for i, s in slots.items()})
+            extra = dict(step=step, slots={i: s for d in states for i, s in d.items()}, history=history,
+                         config=asdict(cfg), seconds=seconds + progress.elapsed(), changes=run["changes"])
+            save_checkpoint(out_dir, step, model, opt, extra, cfg.keep)
+    return dict(run, step=step, history=history, seconds=seconds + progress.elapsed())
+
+
+def finish(cfg, model, out_dir, export_dir, tok, ids, run, plot, **notes):
+    """Export, summary.json (and the held-out NLL curve); returns the summary on rank 0. `notes`
+    (skipped rows, ...) and the settings changed on resume go into the summary beside the results."""
+    export(model, export_dir or os.path.join(out_dir, "export"), tok, ids, cfg.export_dtype)
+    summary = summarize(cfg, run["history"], model, dist.get_world_size(), run["seconds"])
+    summary.update(notes, **({"changed_on_resume": run["changes"]} if run["changes"] else {}))
+    if dist.get_rank() != 0:
+        return None
+    common.write_json(os.path.join(out_dir, "summary.json"), summary)
+    if plot:
+        plot_runs([out_dir], os.path.join(out_dir, "heldout_nll.png"))
+    return summary
+
+
+def describe(cfg):
+    return f"MD U[{cfg.t0:g}, {cfg.t1:g}]"
+
+
+def summarize(cfg, history, model, world, seconds):
+    evals = [h for h in history if "test_loss" in h]
+    trains = [h for h in history if "loss" in h]
+    last = evals[-1] if evals else {"step": 0, "test_loss": None}
+    return dict(settings=asdict(cfg), parameters=model.num_params(), world_size=world, steps=last["step"],
+                tokens=last["step"] * cfg.batch_size * cfg.block_size, seconds=round(seconds, 1),
+                test_loss=last["test_loss"], train_loss=trains[-1]["loss"] if trains else None,
+                test_loss_curve=[(h["step"], h["test_loss"]) for h in evals])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoints(out_dir):
+    """Complete checkpoints, oldest first: step_NNNNNNN folders (written as .tmp, renamed when whole)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("step_")
+                  and not d.endswith(".tmp"))
+
+
+def save_checkpoint(out_dir, step, model, opt, extra, keep):
+    """Sharded (torch.distributed.checkpoint: every rank writes its part) model and optimizer, plus
+    rank 0's extra.pt (step, data positions and generators of every slot, history, settings)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    rank = dist.get_rank()
+    final = os.path.join(out_dir, f"step_{step:07d}")
+    tmp = final + ".tmp"
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)                   # the leftovers of a run killed while saving
+    dist.barrier()
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    if rank == 0:
+        torch.save(extra, os.path.join(tmp, "extra.pt"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def read_extra(path):
+    """A checkpoint folder's extra.pt, checked before any collective: a half-written or corrupt
+    checkpoint is a user error (delete it or start over)."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: truncated or corrupt); "
+                         f"delete it, or start without --resume") from None
+    return common.load_checkpoint(os.path.join(path, "extra.pt"))
+
+
+def load_checkpoint(path, model, opt, device):
+    """Model and optimizer shards of `path` into the (FSDP) model and optimizer; returns extra."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    extra = on_every_rank(read_extra, device, path)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+
+    def load():
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except (Exception, dist.checkpoint.api.CheckpointException) as e:   # the latter is a BaseException
+            raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: corrupt, or written by other "
+                             f"settings); delete it, or resume with the settings it was written with") from None
+    on_every_rank(load, device)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return extra
+
+
+def export(model, folder, tok, ids, dtype):
+    """One consolidated LLaDA-format folder: safetensors shards, config.json (LLaDA's key names)
+    and tokenizer.json, all the next step (sft_8b.py, eval_8b.py) needs. The full state dict is
+    gathered to rank 0's CPU; the GPUs never hold it whole."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+        model_lib.save_safetensors(state, folder, dtype=getattr(torch, dtype))
+        config = model_lib.config_to_json(model.cfg, eos_token_id=ids["eos"], pad_token_id=ids["eos"],
+                                          bos_token_id=ids["bos"], torch_dtype=dtype)
+        common.write_json(os.path.join(folder, "config.json"), config)
+        tok.save(os.path.join(folder, "tokenizer.json"))
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- Fig. 4
+
+def plot_runs(run_dirs, path):
+    """Fig. 4: the held-out NLL of several runs against the step, one curve per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for d in run_dirs:
+        summary = os.path.join(d, "summary.json")
+        if not os.path.exists(summary):
+            raise FileNotFoundError(f"--plot-runs: {summary} does not exist (is {d} a finished run?)")
+        with open(summary) as f:
+            s = json.load(f)
+        if not s["test_loss_curve"]:
+            raise ValueError(f"--plot-runs: {d} has no held-out evaluation")
+        steps, nll = zip(*s["test_loss_curve"])
+        ax.plot(steps, nll, "o-", ms=3, label=f"U[{s['settings']['t0']:g}, {s['settings']['t1']:g}] ({d})")
+    ax.set(xlabel="step", ylabel="held-out NLL (full-range bound, nats/token)", title="Fig. 4: pre-training test loss")
+    ax.legend(fontsize=8)
+    common.save_figure(fig, path)
+
+
+def plot_runs_cli(a):
+    """--plot-runs: the held-out NLL curves of the named runs on one figure in OUT_DIR (Fig. 4)."""
+    common.prepare_out_dir(a.out_dir)
+    path = os.path.join(a.out_dir, a.runs_figure)
+    plot_runs(a.plot_runs, path)
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- planning and speed
+
+ACT_NOTE = ("activations: per token and block ~2(14d + 4h) bytes saved for backward (bf16 tensors, the fp32 "
+            "RMSNorm copies, flash attention: no L x L scores), 2d with checkpointing plus one block recomputed")
+
+
+def plan(cfg, world, mfu, gpu_gib=80, peak=989e12, paper_hours=None):
+    """--dry-run: the configured model on `meta` and what a run of it costs on `world` GPUs of
+    `gpu_gib` (H100 SXM: 989 TFLOP/s dense bf16). Returns the numbers it prints."""
+    ids = dict(vocab=256 + len(SPECIALS), mask=257) if not cfg.model.startswith("llada") else None
+    mc = model_lib.get_config(cfg.model, block_size=cfg.block_size)
+    if ids:
+        mc = replace(mc, vocab_size=ids["vocab"], mask_id=ids["mask"])
+    with torch.device("meta"):
+        m = model_lib.Transformer(mc)
+    n, d, h, V, nl = m.num_params(), mc.d_model, mc.mlp_hidden, mc.vocab_size, mc.n_layer
+    head_frac = (cfg.t0 + cfg.t1) / 2                      # E[t]: share of positions that run the head
+    fpt = m.flops_per_token(cfg.block_size, head_frac)
+    tokens_step = cfg.batch_size * cfg.block_size
+    tok_mb = cfg.micro_batch * cfg.block_size
+    gib = 2.0 ** 30
+    root = (V * d * (1 if mc.tie_weights else 2) + d) * 2  # bf16 embedding + head, gathered all step
+    block = (4 * d * d + 3 * d * h + 2 * d) * 2            # one bf16 block gathered (x2: prefetch)
+    mem = dict(params=4 * n / world, grads=4 * n / world, adam=8 * n / world, gathered=root + 2 * block)
+    per_block = 2 * (14 * d + 4 * h) * tok_mb
+    act_ckpt, act_full = nl * 2 * d * tok_mb + per_block, nl * per_block
+    logits = lambda frac: frac * tok_mb * V * 12            # bf16 logits + fp32 upcast + fp32 and bf16 grads
+    fixed = sum(mem.values())
+    step_s = fpt * tokens_step / (world * peak * mfu)
+    out = dict(parameters=n, flops_per_token=fpt, flops_per_step=fpt * tokens_step, step_seconds=step_s,
+               total_hours=step_s * cfg.max_steps / 3600,
+               gib=dict(**{k: v / gib for k, v in mem.items()}, activations_ckpt=act_ckpt / gib,
+                        activations_no_ckpt=act_full / gib, logits_mean_t=logits(head_frac) / gib,
+                        logits_t1=logits(1.0) / gib))
+    accum = cfg.batch_size / (cfg.micro_batch * world)
+    print(f"{cfg.model}: {n:,} parameters ({n - (V * d * (1 if mc.tie_weights else 2)):,} outside the embedding "
+          f"and head), block {cfg.block_size}, vocabulary {V:,}")
+    print(f"FLOPs per token (6N + attention, head on the masked share E[t] = {head_frac:g}): {fpt / 1e9:.2f} G; "
+          f"per step of {cfg.batch_size} x {cfg.block_size} = {tokens_step:,} tokens: {fpt * tokens_step:.3e}")
+    print(f"per GPU, {world} GPUs, micro-batch {cfg.micro_batch} ({accum:g} accumulation steps), FSDP2 "
+          f"(fp32 master, bf16 compute), GiB:")
+    for k in ("params", "grads", "adam", "gathered"):
+        print(f"  {k:<28} {mem[k] / gib:8.2f}")
+    print(f"  {'activations, checkpointing':<28} {act_ckpt / gib:8.2f}   (without: {act_full / gib:.2f})")
+    print(f"  {'logits, masked only, E[t]':<28} {logits(head_frac) / gib:8.2f}   (t = 1: {logits(1.0) / gib:.2f})")
+    for ck, act in (("with", act_ckpt), ("without", act_full)):
+        total = (fixed + act + logits(1.0)) / gib
+        print(f"  total {ck} checkpointing, worst t: {total:.1f} GiB of {gpu_gib} "
+              f"({'fits' if total < 0.9 * gpu_gib else 'does NOT fit'})")
+    print(f"time at {100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s per GPU: {step_s:.2f} s a step, "
+          f"{out['total_hours']:.1f} h for {cfg.max_steps:,} steps ({cfg.max_steps * tokens_step / 1e9:.2f} B tokens)")
+    if paper_hours:
+        implied = fpt * tokens_step * cfg.max_steps / (paper_hours * 3600 * world * peak)
+        out["paper_hours_mfu"] = implied
+        print(f"the paper's 'about {paper_hours} hours' for {cfg.max_steps:,} steps on {world} H100s implies "
+              f"{100 * implied:.0f}% MFU")
+    print(ACT_NOTE)
+    return out
+
+
+def benchmark(cfg, device, compile_model, layers, steps=10, warmup=3):
+    """Forward + backward + optimizer steps of the preset's full-width blocks (`layers` of them plus
+    embedding and head), FSDP2 over the GPUs present, random tokens, t ~ U[t0, t1]; tokens/s per
+    GPU, MFU and peak memory (rank 0 prints)."""
+    rank, world, device = setup_distributed(device)
+    cuda = device.startswith("cuda")
+    check_config(cfg, world)
+    mc = model_lib.get_config(cfg.model, block_size=cfg.block_size, grad_checkpoint=cfg.grad_checkpoint,
+                              **({"n_layer": layers} if layers else {}))
+    if not cfg.model.startswith("llada"):
+        mc = replace(mc, vocab_size=256 + len(SPECIALS), mask_id=257)
+    model = build_model(mc, device, cfg.seed, mixed_precision=cuda, compile_model=compile_model)
+    opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
+    ce_fn, gen = loss_ce(compile_model), torch.Generator(device).manual_seed(rank)
+
+    def one_step():
+        x0 = torch.randint(0, mc.mask_id, (cfg.micro_batch, cfg.block_size), generator=gen, device=device)
+        loss, masked = md_micro_loss(model, x0, mc.mask_id, cfg, gen, ce_fn)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return masked.float().mean()
+    seconds, fracs = common.time_steps(one_step, steps, warmup, device)
+    frac = fracs.mean().item()
+    tok_s = steps * cfg.micro_batch * cfg.block_size / seconds      # per GPU
+    mfu = model_lib.estimate_mfu(model.flops_per_token(cfg.block_size, frac), tok_s, model_lib.device_peak_flops(device))
+    out = dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", world_size=world, model=cfg.model,
+               n_layer=mc.n_layer, d_model=mc.d_model, block_size=cfg.block_size, micro_batch=cfg.micro_batch,
+               grad_checkpoint=cfg.grad_checkpoint, compile=compile_model, tokens_per_sec_per_gpu=tok_s, mfu=mfu,
+               peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
+    if rank == 0:
+        print(f"{mc.n_layer} x d_model {mc.d_model} blocks + head, {cfg.micro_batch} x {cfg.block_size} tokens per "
+              f"GPU, {world} GPU(s), checkpointing {'on' if cfg.grad_checkpoint else 'off'}, compile "
+              f"{'on' if compile_model else 'off'}: {tok_s:,.0f} tokens/s per GPU" +
+              (f", MFU {100 * mfu:.1f}%" if mfu else "") +
+              (f", peak memory {out['peak_memory_gib']:.1f} GiB" if cuda else ""), flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_run_args(p, cls, figure, **defaults):
+    """The command line pretrain_8b.py and sft_8b.py share: the common vocabulary (`defaults`: presets,
+    preset, t0, t1, out_dir), one flag per field of their config dataclass `cls`, and the flags below.
+    `figure`: the file --plot-runs writes."""
+    common.add_common_args(p, **defaults, resume_help="continue from the newest complete checkpoint in OUT_DIR",
+                           dry_run_help="print the plan (parameters, FLOPs, memory per GPU, time) and exit")
+    preset = defaults["preset"]
+    common.add_config_args(p, cls, defaults["presets"][preset], f"{preset} preset")
+    p.set_defaults(runs_figure=figure)
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="write the LLaDA-format export here at the end of the run (default OUT_DIR/export)")
+    p.add_argument("--plot-runs", nargs="+", default=None, metavar="RUN_DIR",
+                   help=f"draw the held-out NLL of finished runs into OUT_DIR/{figure}")
+    p.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for (default: the "
+                                                                "launcher's, else 8)")
+    p.add_argument("--plan-mfu", type=float, default=0.40, help="--dry-run: MFU to time the run at (%(default)s)")
