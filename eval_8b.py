@@ -28,12 +28,11 @@ import torch.distributed as dist
 import common
 import masking
 import model as model_lib
-import pretrain_8b as pt
+import fsdp
 
 # LLaDA's published lm-eval settings (its eval_llada.sh): few-shot count (None: the task's own),
-# Monte Carlo draws, classifier-free guidance; generation as §F.6 fixes it (512 tokens in 512 steps)
-# with EOS never predicted and EOS / end-of-turn never the most confident pick, as LLaDA's GSM8K
-# and MATH settings have it. `metric` is what the tables report.
+# Monte Carlo draws, classifier-free guidance; generation as §F.6 fixes it (512 tokens in 512 steps).
+# `metric` is what the tables report. The EOS options of generation are the protocol's (below).
 TASKS = {
     "hellaswag": dict(lm_eval="hellaswag", fewshot=0, mc_num=128, cfg=0.5, metric="acc_norm,none"),
     "arc_easy": dict(lm_eval="arc_easy", fewshot=0, mc_num=128, cfg=0.5, metric="acc_norm,none"),
@@ -41,21 +40,30 @@ TASKS = {
     "mmlu": dict(lm_eval="mmlu", fewshot=5, mc_num=1, cfg=0.0, metric="acc,none"),
     "mmlu_stem": dict(lm_eval="mmlu_stem", fewshot=5, mc_num=1, cfg=0.0, metric="acc,none"),
     "gpqa": dict(lm_eval="gpqa_main_n_shot", fewshot=5, mc_num=128, cfg=0.5, metric="acc,none"),
-    "gsm8k": dict(lm_eval="gsm8k", fewshot=None, cfg=0.0, logits_eos_inf=True, confidence_eos_eot_inf=True,
-                  metric="exact_match,flexible-extract"),
-    "math": dict(lm_eval="minerva_math", fewshot=None, cfg=0.0, logits_eos_inf=True, confidence_eos_eot_inf=True,
-                 metric="exact_match,none"),
+    "gsm8k": dict(lm_eval="gsm8k", fewshot=None, cfg=0.0, metric="exact_match,flexible-extract"),
+    "math": dict(lm_eval="minerva_math", fewshot=None, cfg=0.0, metric="exact_match,none"),
 }
+# LLaDA's two protocols. Base (its lm-eval scripts for LLaDA-8B-Base): lm-eval's prompts and few-shot
+# examples as plain text, no EOS option. Instruct (its OpenCompass configs for LLaDA-8B-Instruct):
+# the chat template, few-shot examples as earlier turns of the chat, and confidence_eos_eot_inf. No
+# LLaDA setting uses logits_eos_inf for GSM8K or MATH. Default base: Tables 2-3 print LLaDA-8B-Base's
+# Base-protocol numbers (65.9 MMLU, 70.3 GSM8K, 31.4 MATH) as the row the SFT models are compared with.
+PROTOCOLS = {"base": dict(chat=False, logits_eos_inf=False, confidence_eos_eot_inf=False),
+             "instruct": dict(chat=True, logits_eos_inf=False, confidence_eos_eot_inf=True)}
 TABLES = {1: ["hellaswag", "arc_easy"], 2: ["mmlu", "mmlu_stem", "arc_challenge", "gpqa"], 3: ["gsm8k", "math"]}
 PAPER = {   # the paper's numbers, beside ours in results.md (not results of this repository)
     1: {"PT U[0, 1]": dict(hellaswag=0.354, arc_easy=0.342), "PT U[0.45, 0.55]": dict(hellaswag=0.400, arc_easy=0.430)},
-    2: {"LLaDA Base": dict(mmlu=0.659, mmlu_stem=0.629, arc_challenge=0.459, gpqa=0.252),
+    2: {"LLaDA Base (LLaDA's, without CFG)": dict(mmlu=0.659, mmlu_stem=0.629, arc_challenge=0.459, gpqa=0.252),
         "SFT U[0, 1]": dict(mmlu=0.659, mmlu_stem=0.621, arc_challenge=0.468, gpqa=0.344),
         "SFT U[0.45, 0.55]": dict(mmlu=0.669, mmlu_stem=0.635, arc_challenge=0.480, gpqa=0.402)},
     3: {"Base": dict(gsm8k=0.703, math=0.314), "SFT [0.45, 0.55]": dict(gsm8k=0.738, math=0.342),
         "SFT [0, 1]": dict(gsm8k=0.768, math=0.341), "SFT [0.2, 1]": dict(gsm8k=0.762, math=0.358),
         "SFT [0.3, 1]": dict(gsm8k=0.774, math=0.360), "SFT [0.5, 1]": dict(gsm8k=0.785, math=0.375)},
 }
+# The paper's "LLaDA Base" row of Table 2 is LLaDA's main table, without guidance; we score ARC-C and
+# GPQA with cfg 0.5 as LLaDA's script does, so results.md also prints LLaDA's guided row (its Tab. 6,
+# the best scale of 0.5-2). MMLU runs without guidance (one draw), so both rows agree there.
+LLADA_CFG = {"LLaDA Base with CFG (LLaDA's Tab. 6)": dict(mmlu=0.659, arc_challenge=0.479, gpqa=0.261)}
 
 
 # ----------------------------------------------------------------------------- the lm-eval model
@@ -143,7 +151,8 @@ def lm_eval_class():
             return out
 
         def loglikelihood_rolling(self, requests):
-            raise NotImplementedError("perplexity tasks (loglikelihood_rolling) are not among the paper's")
+            raise ValueError("perplexity tasks (loglikelihood_rolling) are not among the paper's; eval_8b.py does "
+                             "not score them")
 
         # -- generation
 
@@ -179,12 +188,14 @@ def lm_eval_class():
             return out
 
         def cut(self, ids, until):
-            stop = [k for k, t in enumerate(ids) if t in (self.ids["eos"], self.eot)]
-            text = self.tok.decode(ids[:stop[0]] if stop else ids, skip_special_tokens=True)
+            """The answer as LLaDA's harness makes it: the whole generation decoded with its special
+            tokens, cut at the task's first stop sequence, then the special tokens stripped (EOS
+            padding and end-of-turn go; text the model wrote after them stays)."""
+            text = self.tok.decode(ids, skip_special_tokens=False)
             for s in [until] if isinstance(until, str) else until:
                 if s and s in text:
                     text = text.split(s)[0]
-            return text
+            return self.tok.decode(self.tok.encode(text, add_special_tokens=False).ids, skip_special_tokens=True)
 
         def apply_chat_template(self, chat_history, add_generation_prompt=True):
             """LLaDA's chat template (its tokenizer_config.json), as text."""
@@ -216,7 +227,7 @@ def lm_eval_class():
 
 def load_model(checkpoint, device, dtype):
     """A LLaDA-format folder (or Hub id) as a plain (unsharded) model on `device`, with its tokenizer."""
-    folder = model_lib.checkpoint_folder(checkpoint)
+    folder = model_lib.checkpoint_folder(checkpoint, "--checkpoint")
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no config.json in {folder}")
@@ -225,8 +236,8 @@ def load_model(checkpoint, device, dtype):
     with torch.device("meta"):
         m = model_lib.Transformer(mc)
     model_lib.load_safetensors(m, folder)
-    tok = pt.load_tokenizer(folder)
-    ids = pt.token_ids(tok, mc)
+    tok = fsdp.load_tokenizer(folder)
+    ids = fsdp.token_ids(tok, mc)
     return m.to(device=device, dtype=dtype).eval(), tok, ids
 
 
@@ -247,6 +258,7 @@ def local_tasks(data_dir, out_dir):
         path = os.path.join(data_dir, *parts)
         if not os.path.exists(path):
             raise FileNotFoundError(f"--data-dir {data_dir} lacks {os.path.join(*parts)}")
+        check_task_file(path)
         return os.path.abspath(path)
 
     def write(name, config):
@@ -288,6 +300,31 @@ def local_tasks(data_dir, out_dir):
     return makers, names, folder
 
 
+def check_task_file(path):
+    """A local task file that is empty or cut short is one line here, not a score from fewer items
+    (or a traceback inside lm-eval): every jsonl line parses, every csv row has its header's width."""
+    import csv
+    if os.path.isdir(path):
+        return
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.endswith(".jsonl"):
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+            for n, line in lines:
+                try:
+                    json.loads(line)
+                except ValueError:
+                    raise ValueError(f"{path}: line {n} is not JSON (truncated?)") from None
+        else:
+            rows = list(csv.reader(f))
+            lines = rows[1:]                                # after the header
+            bad = next((n for n, r in enumerate(rows, 1) if len(r) != len(rows[0])), None)
+            if bad:
+                raise ValueError(f"{path}: row {bad} has {len(rows[bad - 1])} fields, the first {len(rows[0])} "
+                                 f"(truncated?)")
+    if not lines:
+        raise ValueError(f"{path} holds no items")
+
+
 def mmlu_tasks(builtin, test_dir, dev_dir, write):
     """MMLU's 57 subjects over test/<subject>_test.csv and dev/<subject>_dev.csv (columns question,
     choice0..3, answer as 0-3), grouped as lm-eval groups them (mmlu_local, mmlu_stem_local, ...)."""
@@ -307,6 +344,7 @@ def mmlu_tasks(builtin, test_dir, dev_dir, write):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"--data-dir lacks mmlu/{os.path.basename(os.path.dirname(path))}/"
                                         f"{os.path.basename(path)}")
+            check_task_file(path)
         write(f"mmlu_{subject}_local", dict(
             include=os.path.join(default, name), task=f"mmlu_{subject}_local", tag=tag, dataset_path="csv",
             dataset_name=None, dataset_kwargs=dict(data_files=dict(test=test, dev=dev)),
@@ -322,8 +360,21 @@ def mmlu_tasks(builtin, test_dir, dev_dir, write):
 
 # ----------------------------------------------------------------------------- running and reporting
 
+def check_output_type(manager, name):
+    """A task lm-eval scores by `loglikelihood` alone (LAMBADA's acc) needs is_greedy, which this
+    model does not compute (LLaDA's default skips it too): refused, rather than scored 0."""
+    entry = manager.task_index.get(name)
+    if entry is None or entry.kind.name != "TASK":
+        return                     # a group: its tasks are ours, multiple-choice
+    kind = entry.cfg.get("output_type")        # the task's YAML, its includes resolved
+    if kind in ("loglikelihood", "loglikelihood_rolling"):
+        raise ValueError(f"task {name} is scored from {kind} requests (is_greedy / perplexity), which eval_8b.py "
+                         f"does not compute")
+
+
 def evaluate(lm, tasks, a, out_dir):
-    """Each task through lm_eval.simple_evaluate with its own settings; returns {task: metrics}."""
+    """Each task through lm_eval.simple_evaluate with its own settings; returns ({task: metrics},
+    {task: lm-eval's raw output}), written by the caller only once every task has a score."""
     import lm_eval
     from lm_eval.tasks import TaskManager
     names, manager = {t: TASKS[t]["lm_eval"] for t in tasks}, None
@@ -333,45 +384,58 @@ def evaluate(lm, tasks, a, out_dir):
             makers[t]()
             names[t] = local_names[t]
         manager = TaskManager(include_path=folder)
-    results = {}
+    manager = manager or TaskManager()
+    for t in tasks:
+        check_output_type(manager, names[t])
+    protocol = PROTOCOLS[a.protocol]
+    lm.chat = protocol["chat"]
+    results, raws = {}, {}
     for t in tasks:
         s = TASKS[t]
         lm.cfg = s["cfg"] if a.cfg is None else a.cfg
         lm.mc_num = s.get("mc_num", 128) if a.mc_num is None else a.mc_num
         for flag in ("logits_eos_inf", "confidence_eos_eot_inf"):
-            lm.gen[flag] = s.get(flag, False) if getattr(a, flag) is None else getattr(a, flag)
+            lm.gen[flag] = protocol[flag] if getattr(a, flag) is None else getattr(a, flag)
         fewshot = s["fewshot"] if a.num_fewshot is None else a.num_fewshot
         start, lm.truncated = time.time(), 0
         out = lm_eval.simple_evaluate(model=lm, tasks=[names[t]], num_fewshot=fewshot, limit=a.limit,
-                                      task_manager=manager, log_samples=False, apply_chat_template=a.chat,
-                                      random_seed=1234, numpy_random_seed=1234, torch_random_seed=1234,
-                                      fewshot_random_seed=1234)
+                                      task_manager=manager, log_samples=False, apply_chat_template=lm.chat,
+                                      fewshot_as_multiturn=lm.chat, random_seed=1234, numpy_random_seed=1234,
+                                      torch_random_seed=1234, fewshot_random_seed=1234)
         if out is None:          # not rank 0
             continue
         metrics = out["results"][names[t]]
-        results[t] = dict(lm_eval_task=names[t], num_fewshot=fewshot, cfg=lm.cfg, mc_num=lm.mc_num,
+        counted = out.get("n-samples", {}).get(names[t], {}).get("effective")
+        if counted == 0 or metrics.get(s["metric"]) is None:
+            raise ValueError(f"{t}: lm-eval scored {counted} items for {s['metric']}; nothing written")
+        results[t] = dict(lm_eval_task=names[t], protocol=a.protocol, num_fewshot=fewshot, cfg=lm.cfg, mc_num=lm.mc_num,
                           seconds=round(time.time() - start, 1), contexts_cut_to_fit=lm.truncated,
                           metric=s["metric"], value=metrics.get(s["metric"]),
                           metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                           **{k: lm.gen[k] for k in ("logits_eos_inf", "confidence_eos_eot_inf")})
-        raw = dict(results=out["results"], configs=out.get("configs"), versions=out.get("versions"))
-        common.write_json(os.path.join(out_dir, f"lm_eval_{t}.json"), json.loads(json.dumps(raw, default=str)))
+        raw = dict(results=out["results"], configs=out.get("configs"), versions=out.get("versions"),
+                   n_samples=out.get("n-samples"))
+        raws[t] = json.loads(json.dumps(raw, default=str))
         print(f"{t}: {s['metric']} = {metrics.get(s['metric'])}" + (
             f" ({lm.truncated} contexts cut to fit the model's block of {lm.model.cfg.block_size})"
             if lm.truncated else ""), flush=True)
-    return results
+    return results, raws
 
 
 def markdown(results, table, checkpoint, limit):
     """results.md: our numbers beside the paper's rows of the table (paper numbers are the paper's)."""
     tasks = list(results)
-    rows = PAPER.get(table, {})
-    lines = [f"Checkpoint `{checkpoint}`" + (f", first {limit} items per task" if limit else "") + ".", "",
+    rows = {f"paper: {label}": values for label, values in PAPER.get(table, {}).items()}
+    if table == 2 and any(results[t]["cfg"] > 0 for t in tasks):     # the guided row beside guided scores
+        rows.update(LLADA_CFG)
+    protocol = results[tasks[0]]["protocol"] if tasks else "base"
+    lines = [f"Checkpoint `{checkpoint}`, LLaDA's {protocol} protocol" + (f", first {limit} items per task" if limit
+                                                                         else "") + ".", "",
              "| | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|",
              "| **ours** | " + " | ".join(f"{results[t]['value']:.3f}" if results[t]["value"] is not None else "—"
                                          for t in tasks) + " |"]
     for label, values in rows.items():
-        lines.append(f"| paper: {label} | " + " | ".join(f"{values[t]:.3f}" if t in values else "—" for t in tasks)
+        lines.append(f"| {label} | " + " | ".join(f"{values[t]:.3f}" if t in values else "—" for t in tasks)
                      + " |")
     lines += ["", "Metrics: " + ", ".join(f"{t} {results[t]['metric']}" for t in tasks) + "."]
     return "\n".join(lines) + "\n"
@@ -382,7 +446,7 @@ def benchmark(a, device):
     randomly initialised model of --preset (the 8B architecture on a GPU)."""
     mc = model_lib.get_config(a.preset)
     if not a.preset.startswith("llada"):
-        mc = model_lib.get_config(a.preset, vocab_size=256 + len(pt.SPECIALS), mask_id=257,
+        mc = model_lib.get_config(a.preset, vocab_size=256 + len(fsdp.SPECIALS), mask_id=257,
                                   block_size=a.prompt_length + a.gen_length)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with torch.device(device):
@@ -408,7 +472,7 @@ def benchmark(a, device):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Evaluation'.")
-    p.add_argument("--checkpoint", default=pt.LLADA, help="LLaDA-format folder or Hub id (%(default)s)")
+    p.add_argument("--checkpoint", default=fsdp.LLADA, help="LLaDA-format folder or Hub id (%(default)s)")
     p.add_argument("--table", type=int, choices=sorted(TABLES), default=None,
                    help="the tasks of the paper's Table 1, 2 or 3 (else --tasks)")
     p.add_argument("--tasks", default=None, help=f"comma-separated, from {', '.join(TASKS)}")
@@ -422,23 +486,40 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=512, help="sampling steps (§F.6: %(default)s)")
     p.add_argument("--block-length", type=int, default=512, help="semi-autoregressive block (%(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (%(default)s)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="base",
+                   help="LLaDA's base protocol (lm-eval prompts and few-shot, no chat template, no EOS option) or "
+                        "its instruct protocol (chat template, few-shot as chat turns, confidence_eos_eot_inf) "
+                        "(%(default)s: the paper's Tables 2-3 compare with LLaDA Base's base-protocol numbers)")
     p.add_argument("--logits-eos-inf", action=argparse.BooleanOptionalAction, default=None,
-                   help="EOS never predicted (default: on for gsm8k, math)")
+                   help="generation: EOS never predicted (default: the protocol's, off)")
     p.add_argument("--confidence-eos-eot-inf", action=argparse.BooleanOptionalAction, default=None,
-                   help="EOS / end-of-turn never the most confident pick (default: on for gsm8k, math)")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in LLaDA's chat template (instruct models)")
+                   help="generation: EOS / end-of-turn logits -inf before the confidence softmax, as LLaDA "
+                        "(default: the protocol's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (%(default)s)")
     p.add_argument("--out-dir", default="out/eval", help="lm-eval JSON per task, results.md, summary.json "
                                                           "(%(default)s)")
-    p.add_argument("--seed", type=int, default=1234, help="(%(default)s)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the likelihood draws and sampling (%(default)s)")
     p.add_argument("--benchmark", action="store_true", help="tokens/s of generate on a random model of --preset")
     p.add_argument("--preset", default="tiny", choices=sorted(model_lib.PRESETS), help="--benchmark model (%(default)s)")
     p.add_argument("--prompt-length", type=int, default=64, help="--benchmark prompt tokens (%(default)s)")
     return p.parse_args(argv)
 
 
+def check_args(a):
+    """Sizes and estimator settings, before anything loads: a score must never come from zero
+    samples or zero draws."""
+    common.check_positive(mc_batch=a.mc_batch, batch_size=a.batch_size, gen_length=a.gen_length, steps=a.steps,
+                          block_length=a.block_length, prompt_length=a.prompt_length,
+                          **{name: getattr(a, name) for name in ("mc_num", "limit") if getattr(a, name) is not None})
+    if a.cfg is not None and a.cfg < 0:
+        raise ValueError(f"--cfg must be >= 0 (0: no guidance), got {a.cfg}")
+    if a.num_fewshot is not None and a.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {a.num_fewshot}")
+
+
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
+    check_args(a)
     device = common.pick_device(a.device)
     if a.benchmark:
         return benchmark(a, device)
@@ -453,23 +534,25 @@ def main(argv=None):
     if a.gen_length % a.block_length or a.steps % (a.gen_length // a.block_length):
         raise ValueError("--gen-length must be a multiple of --block-length, and --steps of the number of blocks")
     LM = lm_eval_class()
-    rank, world, device = pt.setup_distributed(device)
+    rank, world, device = fsdp.setup_distributed(device)
     try:
-        pt.on_every_rank(lambda: common.prepare_out_dir(a.out_dir) if rank == 0 else None, device)
+        fsdp.on_every_rank(lambda: common.prepare_out_dir(a.out_dir) if rank == 0 else None, device)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        m, tok, ids = pt.on_every_rank(load_model, device, a.checkpoint, device, dtype)
+        m, tok, ids = fsdp.on_every_rank(load_model, device, a.checkpoint, device, dtype)
         lm = LM(m, tok, ids, device, mc_batch=a.mc_batch, gen_length=a.gen_length, steps=a.steps,
-                block_length=a.block_length, batch_size=a.batch_size, chat=a.chat, seed=a.seed)
-        results = evaluate(lm, tasks, a, a.out_dir)
-        if rank == 0:
+                block_length=a.block_length, batch_size=a.batch_size, seed=a.seed)
+        results, raws = evaluate(lm, tasks, a, a.out_dir)
+        if rank == 0:        # only now, every task scored; each file written whole, summary.json last
+            files = [f"lm_eval_{t}.json" for t in raws]
+            for t, name in zip(raws, files):
+                common.write_json(os.path.join(a.out_dir, name), raws[t])
+            common.write_text(os.path.join(a.out_dir, "results.md"), markdown(results, a.table, a.checkpoint, a.limit))
             common.write_json(os.path.join(a.out_dir, "summary.json"),
                               dict(checkpoint=a.checkpoint, table=a.table, limit=a.limit, world_size=world,
-                                   settings=vars(a), results=results))
-            with open(os.path.join(a.out_dir, "results.md"), "w") as f:
-                f.write(markdown(results, a.table, a.checkpoint, a.limit))
-            print(f"wrote {a.out_dir}/summary.json, results.md, lm_eval_*.json")
+                                   settings=vars(a), results=results, files=files + ["results.md"]))
+            print(f"wrote {a.out_dir}/summary.json, results.md, {', '.join(files)}")
     finally:
-        pt.teardown()
+        fsdp.teardown()
 
 
 if __name__ == "__main__":

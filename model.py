@@ -291,18 +291,30 @@ def apply_fsdp(model, mixed_precision=True):
 
 # ---- LLaDA's Hugging Face safetensors format ------------------------------------------
 
-def checkpoint_folder(path_or_id):
-    """A local folder as is; anything else is taken for a Hub id and downloaded (safetensors + json only)."""
+def looks_local(name):
+    """A name meant as a local path, not a Hub id (owner/name): it exists, starts with . / or ~, has
+    other than two parts, or its first part is a local folder (a typo inside out/, say)."""
+    parts = name.split("/")
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or len(parts) != 2 or os.path.isdir(parts[0])
+
+
+def checkpoint_folder(path_or_id, flag="checkpoint"):
+    """A local folder as is; a Hub id (owner/name) is downloaded (safetensors + json only). A name
+    that is neither is one line saying where it was looked for, before any Hub retries."""
     if os.path.isdir(path_or_id):
         return path_or_id
-    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")):
-        raise ValueError(f"checkpoint {path_or_id!r} is not a folder with model.safetensors[.index.json]")
+    where = os.path.abspath(os.path.expanduser(path_or_id))
+    if os.path.exists(path_or_id):
+        raise ValueError(f"{flag} {path_or_id} is a file, not a folder with config.json and model.safetensors")
+    if looks_local(path_or_id):
+        raise ValueError(f"{flag} {path_or_id}: no such local folder ({where}); not tried as a Hub id, which has "
+                         f"the form owner/name")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(path_or_id, allow_patterns=["*.safetensors", "*.json"])
     except Exception as e:  # offline, unknown repo, gated: one line for the user
-        raise ValueError(f"checkpoint {path_or_id!r} is no local folder and the Hub download failed: "
-                         f"{type(e).__name__}") from None
+        raise ValueError(f"{flag} {path_or_id}: no local folder {where}, and the Hub id {path_or_id} could not be "
+                         f"downloaded ({type(e).__name__}); offline, pass a local LLaDA-format folder") from None
 
 
 def safetensors_index(path_or_id):
@@ -452,14 +464,20 @@ def generate(model, prompt, *, mask_id, gen_length=128, steps=128, block_length=
     attention_mask (B x P, 1 = token): left-padded prompts of unequal length; each
     row then gives the tokens it gives alone (the model ignores padding keys and
     counts positions from its first token).
-    logits_eos_inf: EOS (eos_id) is never predicted. confidence_eos_eot_inf: a
-    position predicted EOS or end-of-turn (eot_id) has confidence 0, so it is never
-    the most confident pick and is unmasked only when the schedule demands it
-    (LLaDA's GSM8K / MATH settings turn both on).
+    logits_eos_inf: EOS (eos_id) is never predicted. confidence_eos_eot_inf, as LLaDA's
+    generate.py defines it: after the pick, the EOS and end-of-turn (eot_id) logits are
+    set to -inf before the confidence softmax, so an EOS/EoT pick has confidence 0 and
+    every other pick's confidence is renormalised without them. (At temperature > 0
+    LLaDA's chained assignment reaches only the EoT logit of the un-noised logits; we
+    do the same, so that both temperatures match it.)
 
-    Only masked positions of the current block run the output head: the others
-    cannot be picked. The confidence softmax runs in float64, where LLaDA's current
-    generate.py uses the model's dtype: bf16 ties can then break differently.
+    Ties in confidence (several EOS/EoT picks at exactly 0, say) go to the leftmost
+    position: a stable sort, so a left-padded row picks what it picks alone. LLaDA's
+    torch.topk leaves the order of ties unspecified. Only masked positions of the
+    current block run the output head: the others cannot be picked. The confidence
+    softmax runs in float64, where LLaDA's current generate.py uses the model's dtype:
+    bf16 ties can then break differently. MASK itself is never predicted (LLaDA's
+    trained model never does; its sampler does not forbid it).
     """
     if gen_length % block_length or steps % (gen_length // block_length):
         raise ValueError("gen_length must be a multiple of block_length, and steps of the number of blocks")
@@ -495,19 +513,19 @@ def generate(model, prompt, *, mask_id, gen_length=128, steps=128, block_length=
                 pred = (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
             else:
                 pred = logits.argmax(-1)
+            if confidence_eos_eot_inf:      # LLaDA: after the pick, before the confidence softmax
+                logits[:, [eos_id, eot_id] if temperature == 0 else [eot_id]] = -math.inf
             if remasking == "low_confidence":
                 conf = F.softmax(logits, -1).gather(-1, pred[:, None])[:, 0]
             elif remasking == "random":
                 conf = torch.rand(pred.shape, device=x.device, dtype=torch.float64)
             else:
                 raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
-            if confidence_eos_eot_inf:
-                conf = conf.masked_fill((pred == eos_id) | (pred == eot_id), 0.0)
             confidence = torch.full(x.shape, -math.inf, dtype=torch.float64, device=x.device)
             confidence[pick] = conf
             proposal = x.clone()
             proposal[pick] = pred
-            rank = confidence.argsort(1, descending=True).argsort(1)
+            rank = confidence.argsort(dim=1, descending=True, stable=True).argsort(1)   # ties: leftmost first
             keep = (rank < schedule[:, i:i + 1]) & pick           # the k most confident masked tokens
             x = torch.where(keep, proposal, x)
     return x

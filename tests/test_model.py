@@ -276,3 +276,77 @@ def test_confidence_eos_eot_inf_unmasks_eos_last():
     out = model.generate(recording, prompt, confidence_eos_eot_inf=True, **kw)
     unmasked_last = (order[-1] & ~(out[0] == 15)).nonzero()[:, 0].tolist()
     assert unmasked_last == [2] and out[0, 2] == 14                   # still EOS, but picked last
+
+
+def eos_heavy(pos="rope", seed=0):
+    """A random small LLaDA whose EOS (37) and EoT (36) logits are often the largest: the case where
+    confidence_eos_eot_inf leaves several picks at exactly 0 confidence. MASK (39) is never predicted."""
+    torch.manual_seed(seed)
+    m = model.Transformer(small_llada(pos=pos, vocab_size=40, block_size=40, init_std=0.5)).double().eval()
+
+    def fn(x, output_mask=None, attention_mask=None):
+        logits = m(x, output_mask=output_mask, attention_mask=attention_mask).clone()
+        logits[..., [36, 37]] += 2.5
+        logits[..., 39] = -math.inf
+        return logits
+    return fn
+
+
+def llada_reference(fn, prompt, *, gen_length, steps, block_length, mask_id, eos_id, eot_id, logits_eos_inf=False,
+                    confidence_eos_eot_inf=False):
+    """LLaDA's generate.py at temperature 0 with low-confidence remasking, written out plainly: the
+    model on the whole sequence, EOS options where LLaDA applies them, a top-k per row. One change:
+    LLaDA's torch.topk leaves the order of equal confidences unspecified; here the leftmost wins."""
+    x = torch.cat([prompt, torch.full((len(prompt), gen_length), mask_id)], 1)
+    P, blocks = prompt.shape[1], gen_length // block_length
+    per_block = steps // blocks
+    for b in range(blocks):
+        hi = P + (b + 1) * block_length
+        n = (x[:, P + b * block_length:hi] == mask_id).sum(1).tolist()
+        for i in range(per_block):
+            masked = x == mask_id
+            logits = fn(x).double()
+            if logits_eos_inf:
+                logits[:, :, eos_id] = -math.inf
+            x0 = logits.argmax(-1)
+            if confidence_eos_eot_inf:           # at temperature 0 LLaDA's noised logits are these logits
+                logits[:, :, eos_id] = logits[:, :, eot_id] = -math.inf
+            p = torch.softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
+            p[:, hi:] = -math.inf
+            confidence = torch.where(masked, p, -math.inf)
+            for j in range(len(x)):
+                k = n[j] // per_block + (i < n[j] % per_block)
+                order = sorted(range(x.shape[1]), key=lambda c: -confidence[j, c].item())   # stable: leftmost
+                for c in order[:k]:
+                    x[j, c] = x0[j, c]
+    return x
+
+
+EOS_OPTIONS = [dict(), dict(logits_eos_inf=True), dict(confidence_eos_eot_inf=True),
+               dict(logits_eos_inf=True, confidence_eos_eot_inf=True)]
+
+
+@pytest.mark.parametrize("options", EOS_OPTIONS)
+def test_generate_matches_llada_token_for_token(options):
+    fn = eos_heavy()
+    prompt = torch.randint(0, 35, (2, 5), generator=torch.Generator().manual_seed(1))
+    kw = dict(gen_length=12, steps=12, block_length=4, mask_id=39, eos_id=37, eot_id=36, **options)
+    ours = model.generate(fn, prompt, **kw)
+    assert torch.equal(ours, llada_reference(fn, prompt, **kw))
+    picked = ours[:, 5:]
+    if not options.get("logits_eos_inf"):
+        assert ((picked == 37) | (picked == 36)).float().mean() > 0.3      # EOS/EoT often win, as intended
+
+
+@pytest.mark.parametrize("options", EOS_OPTIONS)
+def test_left_padded_batch_equals_alone_under_every_eos_option(options):
+    fn = eos_heavy(pos="rope", seed=3)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 35, (n,), generator=g) for n in (2, 9, 5, 6)]
+    P = max(len(p) for p in prompts)
+    batch = torch.stack([torch.cat([torch.full((P - len(p),), 37), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(P - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+    kw = dict(mask_id=39, gen_length=16, steps=16, block_length=8, eos_id=37, eot_id=36, **options)
+    together = model.generate(fn, batch, attention_mask=mask, **kw)[:, P:]
+    for i, p in enumerate(prompts):
+        assert torch.equal(together[i], model.generate(fn, p[None], **kw)[0, len(p):]), i

@@ -15,7 +15,7 @@ from conftest import ROOT, SHARED_DATA
 
 import masking
 import model as model_lib
-import pretrain_8b as pt
+import fsdp
 import sft_8b
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -47,8 +47,8 @@ def run(script, args, nproc=1, check=True, timeout=300):
 # ----------------------------------------------------------------------------- the chat format
 
 def test_chat_template_token_layout():
-    tok = pt.byte_tokenizer()
-    sp = {t: tok.token_to_id(t) for t in pt.SPECIALS}
+    tok = fsdp.byte_tokenizer()
+    sp = {t: tok.token_to_id(t) for t in fsdp.SPECIALS}
     b = lambda s: list(s.encode())
     prompt, answer = sft_8b.chat_ids(tok, conversation(system="Be brief."))
     assert prompt == ([sp["<|startoftext|>"], sp["<|start_header_id|>"]] + b("system") + [sp["<|end_header_id|>"]]
@@ -72,7 +72,7 @@ def test_chat_text_is_llada_template_rendered():
     template = jinja2.Environment().from_string(config["chat_template"])
     msgs = conversation("  Solve x + 1 = 2.  ", " x = 1 ", system="You are a tutor.")
     render = lambda m: template.render(messages=m, bos_token=config["bos_token"])
-    tok = pt.byte_tokenizer()
+    tok = fsdp.byte_tokenizer()
     prompt, answer = sft_8b.chat_ids(tok, msgs)
     assert prompt == tok.encode(render(msgs[:-1]), add_special_tokens=False).ids
     header = tok.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False).ids
@@ -80,7 +80,7 @@ def test_chat_text_is_llada_template_rendered():
 
 
 def test_malformed_rows_are_skipped_and_counted():
-    tok = pt.byte_tokenizer()
+    tok = fsdp.byte_tokenizer()
     rows = [{"messages": conversation()}, {"text": "no messages"}, {"messages": [{"role": "user", "content": "q"}]},
             {"messages": conversation("x" * 200, "y")}, {"messages": "not a list"}, {"messages": conversation()}]
     ids, masks, skipped = sft_8b.encode_rows(rows, tok, 256, 64)
@@ -93,7 +93,7 @@ def test_malformed_rows_are_skipped_and_counted():
 # ----------------------------------------------------------------------------- SFT masks and loss
 
 def test_sft_masks_only_answers_and_counts_the_padding(tmp_path):
-    tok = pt.byte_tokenizer()
+    tok = fsdp.byte_tokenizer()
     data = [json.loads(line) for line in open(rows_file(tmp_path / "rows.jsonl"))]
     ids, answer, _ = sft_8b.encode_rows(data, tok, 256, 64)
     cfg = sft_8b.SFTConfig(**{**sft_8b.PRESETS["tiny"], "t0": 0.5, "t1": 1.0})
@@ -110,7 +110,7 @@ def test_sft_masks_only_answers_and_counts_the_padding(tmp_path):
         rows = sft_8b.Rows(ids, answer, slot, cfg, "cpu")
         for step in range(3):
             x0, maskable = rows.batch(step)
-            loss, masked = pt.md_micro_loss(Recorder(), x0, 257, cfg, rows.gen, masking.token_ce, maskable)
+            loss, masked = fsdp.md_micro_loss(Recorder(), x0, 257, cfg, rows.gen, masking.token_ce, maskable)
             xt = seen[-1][0]
             assert not (masked & ~maskable).any() and torch.equal(xt[~maskable], x0[~maskable])  # prompt intact
             assert torch.equal(xt == 257, masked) and math.isfinite(loss.item())
@@ -151,7 +151,7 @@ def test_sft_bad_input_is_one_line(tmp_path, case):
         config = model_lib.config_to_json(m.cfg, eos_token_id=256)
         config["d_model"], config["n_heads"] = 48, 2
         (folder / "config.json").write_text(json.dumps(config))
-        pt.byte_tokenizer().save(str(folder / "tokenizer.json"))
+        fsdp.byte_tokenizer().save(str(folder / "tokenizer.json"))
         args += ["--data", rows_file(tmp_path / "rows.jsonl"), "--init", str(folder)]
     r = run("sft_8b.py", args, check=False)
     assert r.returncode == 1 and r.stderr.startswith("error:") and r.stderr.strip().count("\n") == 0, r.stderr
@@ -164,8 +164,8 @@ def test_sft_bad_input_is_one_line(tmp_path, case):
 def harness(m, tok=None, **kw):
     eval_8b = pytest.importorskip("eval_8b")
     pytest.importorskip("lm_eval")
-    tok = tok or pt.byte_tokenizer()
-    return eval_8b.lm_eval_class()(m, tok, pt.token_ids(tok, m.cfg), "cpu", **kw)
+    tok = tok or fsdp.byte_tokenizer()
+    return eval_8b.lm_eval_class()(m, tok, fsdp.token_ids(tok, m.cfg), "cpu", **kw)
 
 
 def exact_log_likelihood(fn, ctx, ans, mask_id):
@@ -238,14 +238,17 @@ class Oracle(torch.nn.Module):
         return logits[output_mask]
 
 
-def test_generate_until_stops_at_stop_sequences_and_at_eos():
+def test_generate_until_cuts_as_llada_harness_does():
     from lm_eval.api.instance import Instance
     lm = harness(Oracle(list(b"hello STOP world"), start=3), gen_length=16, steps=16, block_length=16)
     request = lambda until: Instance("generate_until", {}, ("abc", dict(until=until)), 0)
     assert lm.generate_until([request(["STOP"]), request(["world"]), request([])]) == \
         ["hello ", "hello STOP ", "hello STOP world"]
-    lm = harness(Oracle(list(b"hi") + [256] + list(b"more"), start=3), gen_length=8, steps=8, block_length=8)
-    assert lm.generate_until([request(["zzz"])]) == ["hi"]
+    # LLaDA's harness: cut at the stop sequence on the text with its special tokens, then strip them;
+    # what the model wrote after EOS stays (it does not cut at EOS)
+    lm = harness(Oracle(list(b"hi") + [256] + list(b"more!"), start=3), gen_length=8, steps=8, block_length=8)
+    assert lm.generate_until([request(["zzz"])]) == ["himore!"]
+    assert lm.generate_until([request(["<|endoftext|>m"])]) == ["hi"]
 
 
 def test_chat_template_of_the_harness_is_llada_template():
@@ -266,14 +269,15 @@ def test_eval_cli_on_local_task_files(tmp_path):
     folder = tmp_path / "export"
     model_lib.save_safetensors(m, str(folder))
     (folder / "config.json").write_text(json.dumps(model_lib.config_to_json(m.cfg, eos_token_id=256)))
-    pt.byte_tokenizer().save(str(folder / "tokenizer.json"))
+    fsdp.byte_tokenizer().save(str(folder / "tokenizer.json"))
     run("eval_8b.py", ["--checkpoint", str(folder), "--tasks", "arc_challenge,gsm8k", "--data-dir", EVALS,
                        "--limit", "4", "--device", "cpu", "--mc-num", "4", "--gen-length", "16", "--steps", "16",
                        "--block-length", "16", "--out-dir", str(tmp_path / "eval")])
     s = json.load(open(tmp_path / "eval" / "summary.json"))
     arc, gsm = s["results"]["arc_challenge"], s["results"]["gsm8k"]
     assert arc["lm_eval_task"] == "arc_challenge_local" and 0 <= arc["value"] <= 1 and arc["cfg"] == 0.5
-    assert gsm["metric"] == "exact_match,flexible-extract" and gsm["logits_eos_inf"] is True
+    assert gsm["metric"] == "exact_match,flexible-extract" and gsm["protocol"] == "base"
+    assert gsm["logits_eos_inf"] is False and gsm["confidence_eos_eot_inf"] is False   # LLaDA's base protocol
     raw = json.load(open(tmp_path / "eval" / "lm_eval_arc_challenge.json"))
     assert raw["results"]["arc_challenge_local"]["acc_norm,none"] == arc["value"]
     assert "| **ours** |" in (tmp_path / "eval" / "results.md").read_text()
@@ -291,7 +295,7 @@ def test_eval_bad_input_is_one_line(tmp_path, case):
         m = model_lib.Transformer(model_lib.get_config("tiny", vocab_size=262, mask_id=257))
         model_lib.save_safetensors(m, str(folder))
         (folder / "config.json").write_text(json.dumps(model_lib.config_to_json(m.cfg, eos_token_id=256)))
-        pt.byte_tokenizer().save(str(folder / "tokenizer.json"))
+        fsdp.byte_tokenizer().save(str(folder / "tokenizer.json"))
         args += ["--tasks", "arc_easy", "--data-dir", str(tmp_path / "evals"), "--checkpoint", str(folder)]
     else:
         (tmp_path / "empty").mkdir()
@@ -309,3 +313,29 @@ def test_generate_benchmark_runs():
     r = run("eval_8b.py", ["--benchmark", "--preset", "tiny", "--device", "cpu", "--gen-length", "32", "--steps",
                            "32", "--block-length", "32", "--batch-size", "4"])
     assert "batch 1" in r.stdout and "batch 4" in r.stdout and "tokens/s" in r.stdout
+
+
+def test_protocols_and_the_rows_printed_beside_ours():
+    eval_8b = pytest.importorskip("eval_8b")
+    # no LLaDA setting uses logits_eos_inf for GSM8K / MATH; base: no option, instruct: confidence only
+    assert eval_8b.PROTOCOLS["base"] == dict(chat=False, logits_eos_inf=False, confidence_eos_eot_inf=False)
+    assert eval_8b.PROTOCOLS["instruct"] == dict(chat=True, logits_eos_inf=False, confidence_eos_eot_inf=True)
+    assert not any("eos" in k for t in eval_8b.TASKS.values() for k in t)
+    row = lambda t, v, cfg: dict(value=v, cfg=cfg, metric="acc,none", protocol="base")
+    guided = {"mmlu": row("mmlu", 0.5, 0.0), "arc_challenge": row("arc_challenge", 0.4, 0.5)}
+    text = eval_8b.markdown(guided, 2, "ckpt", None)
+    assert "| LLaDA Base with CFG (LLaDA's Tab. 6) | 0.659 | 0.479 |" in text          # matches cfg 0.5
+    assert "| paper: LLaDA Base (LLaDA's, without CFG) | 0.659 | 0.459 |" in text
+    unguided = {"mmlu": row("mmlu", 0.5, 0.0), "arc_challenge": row("arc_challenge", 0.4, 0.0)}
+    assert "with CFG" not in eval_8b.markdown(unguided, 2, "ckpt", None)
+
+
+def test_tasks_scored_by_is_greedy_are_refused(tmp_path):
+    pytest.importorskip("lm_eval")
+    eval_8b = pytest.importorskip("eval_8b")
+    from lm_eval.tasks import TaskManager
+    manager = TaskManager()
+    with pytest.raises(ValueError, match="is_greedy"):
+        eval_8b.check_output_type(manager, "lambada_openai")
+    eval_8b.check_output_type(manager, "arc_challenge")          # multiple choice: fine
+    eval_8b.check_output_type(manager, "mmlu")                   # a group of multiple-choice tasks
