@@ -32,7 +32,8 @@ def add_common_args(p, *, presets, preset, t0=0.0, t1=1.0, max_steps=None, out_d
     p.add_argument("--allow-change", nargs="+", default=(), metavar="SETTING",
                    help="--resume: settings (e.g. max_steps) that may differ from the checkpoint's; recorded in "
                         "summary.json. Without it a changed setting is refused")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: off; on GPUs for the 8B scripts)")
     p.add_argument("--dry-run", action="store_true", help=dry_run_help)
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write PNG plots")
     return p

@@ -45,7 +45,13 @@ def setup_distributed(device):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    global CONTROL, SAVING     # CPU flags (errors, lengths) travel over gloo: no wait on the GPU's queue;
+    CONTROL = dist.new_group(backend="gloo") if cuda else None      # async saves have a group of their own
+    SAVING = dist.new_group(backend="gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+CONTROL = SAVING = None
 
 
 def teardown():
@@ -53,14 +59,15 @@ def teardown():
         dist.destroy_process_group()
 
 
-def agree(error, device):
+def agree(error, device=None):
     """Every rank says whether it hit a user error; if any did, every rank raises the first one's
-    message, so no rank is left waiting in a collective. One all-reduce when all is well."""
-    failed = torch.tensor([1.0 if error else 0.0], device=device)
-    dist.all_reduce(failed)
+    message, so no rank is left waiting in a collective. One all-reduce of a CPU flag when all is
+    well (over gloo, so it never waits for the GPU to drain)."""
+    failed = torch.tensor([1.0 if error else 0.0])
+    dist.all_reduce(failed, group=CONTROL)
     if failed.item():
         messages = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, error)
+        dist.all_gather_object(messages, error, group=CONTROL)
         raise ValueError(next(m for m in messages if m))
 
 
@@ -138,18 +145,18 @@ def model_config(preset, ids, **overrides):
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(model_cfg, device, seed, mixed_precision, compile_model=False):
-    """On `meta` (no memory), FSDP2 per block then the root, materialised on `device` and
-    initialised shard by shard: no rank ever holds the whole model."""
+def build(model_cfg, cfg, device, compile_model, ac):
+    """The model on `meta` (no memory), activation checkpointing by policy and torch.compile per
+    block (model.apply_ac), FSDP2 units as torchtitan shards them, materialised on `device` and
+    initialised shard by shard (no rank ever holds the whole model); and its fused AdamW."""
     with torch.device("meta"):
         m = model_lib.Transformer(model_cfg)
-    if compile_model:                      # each block's forward; FSDP's hooks stay outside the graph
-        for block in m.transformer.blocks:
-            block.forward = torch.compile(block.forward)
-    model_lib.apply_fsdp(m, mixed_precision=mixed_precision)
+    model_lib.apply_ac(m, ac, compile_blocks=compile_model)
+    model_lib.apply_fsdp(m, mixed_precision=device.startswith("cuda"))
     m.to_empty(device=device)
-    m.init_weights(seed=seed)
-    return m
+    m.init_weights(seed=cfg.seed)
+    opt = m.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0], fused=True)
+    return m, opt
 
 
 def loss_ce(compile_model):
@@ -187,8 +194,6 @@ def md_micro_loss(model, x0, mask_id, cfg, gen, ce_fn, maskable=None):
 
 
 @torch.no_grad()
-
-
 def heldout_nll(model, seqs, cfg, device, maskable=None):
     """Fig. 4's held-out NLL: masking's full-range bound, t over all of [0, 1]. Chunk c of
     eval_batch sequences is scored by rank c % world with a generator seeded by c, so the masks
@@ -205,7 +210,7 @@ def heldout_nll(model, seqs, cfg, device, maskable=None):
         valid = masks[c if real else 0]
         g = torch.Generator(device).manual_seed(1234 + c)
         _, nll = masking.elbo_terms(lambda xt: model(xt, output_mask=xt == model.cfg.mask_id), part,
-                                    model.cfg.mask_id, n_t=cfg.eval_draws, generator=g,
+                                    model.cfg.mask_id, n_t=cfg.eval_draws, generator=g, chunk=cfg.micro_batch,
                                     maskable=None if valid is None else valid.to(device))
         if real:
             total += torch.stack([nll.float().sum(), torch.tensor(float(len(nll)), device=device)])
@@ -243,13 +248,16 @@ def check_config(cfg, world):
                 "eval_draws", "eval_batch", "keep", "block_size", "micro_batch")
     if min(getattr(cfg, name) for name in positive if hasattr(cfg, name)) <= 0:
         raise ValueError("steps, intervals, sizes and --keep must be positive")
+    if cfg.ac != "auto":
+        model_lib.ac_modes(cfg.ac, 1)
+    common.check_positive(gpu_gib=cfg.gpu_gib)
     if cfg.export_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--export-dtype must be float32 or bfloat16, got {cfg.export_dtype!r}")
     if not 0 <= getattr(cfg, "random_length_prob", 0) <= 1:
         raise ValueError(f"--random-length-prob must lie in [0, 1], got {cfg.random_length_prob}")
 
 
-BOOKKEEPING = ("log_every", "save_every", "keep", "export_dtype", "grad_checkpoint")   # change no result
+BOOKKEEPING = ("log_every", "save_every", "keep", "export_dtype", "ac", "gpu_gib", "last_save_model_only")
 
 
 def prepare_run(out_dir, export_dir, resume, rank, device):
@@ -276,6 +284,9 @@ def resume_from(latest, model, opt, slots, n_slots, device, cfg, allow_change=()
     if latest is None:
         return dict(step=0, history=[], seconds=0.0, changes={})
     extra = on_every_rank(read_extra, device, latest)
+    if extra.get("model_only"):
+        agree(f"checkpoint {latest} holds the model only (the last save of a finished run, --last-save-model-only): "
+              f"export or evaluate it; it cannot be resumed")
     changes = on_every_rank(lambda: {**extra.get("changes", {}), **common.check_resume_settings(
         extra["config"], asdict(cfg), latest, allow_change, ignore=BOOKKEEPING)}, device)
     load_checkpoint(latest, model, opt, device)
@@ -292,71 +303,128 @@ def resumed(latest, run):
     return f"resumed {latest} at step {run['step']}{changed}"
 
 
+class Prefetch:
+    """The next step's micro-batches drawn on a background thread while this step computes, so
+    that streaming and tokenising overlap the GPU. Each batch comes with the slots' data position
+    after it (a checkpoint saves that one, not the position after the batch drawn ahead). No
+    collective runs on the thread: a user error travels with the batch to the main thread."""
+
+    def __init__(self, batches, slots, start, stop):
+        import queue
+        import threading
+        self.queue = queue.Queue(maxsize=1)
+        self.thread = threading.Thread(target=self.fill, args=(batches, slots, start, stop), daemon=True)
+        self.thread.start()
+
+    def fill(self, batches, slots, start, stop):
+        for step in range(start, stop):
+            try:
+                micro = batches(step)
+                self.queue.put((micro, {i: s.data_state() for i, s in slots.items()}, None))
+            except (ValueError, OSError) as e:
+                self.queue.put((None, None, str(e)))
+                return
+
+    def next(self):
+        micro, states, error = self.queue.get()
+        agree(error)
+        return micro, states
+
+
 def train_loop(cfg, model, opt, slots, batches, evaluate, out_dir, device, ce_fn, log, run):
     """The loop pre-training and SFT share. batches(step) gives this rank's micro-batches, one
     (x0, maskable) per slot in slot order; each is masked with its slot's generator. Every
     eval_every steps evaluate() gives the held-out NLL; every save_every steps a checkpoint
     holds the model, optimizer and every slot's state. `run` (step, history, seconds, changes; from
-    resume_from) is carried on and returned."""
+    resume_from) is carried on and returned.
+
+    No host sync in a step: loss, masked share and non-finite steps add up on the GPU and are read
+    back, with the ranks' sequence lengths compared, only on check steps (log, eval, save, last).
+    A step whose gradient norm is not finite leaves the weights as they were (the fused AdamW
+    skips it on the GPU, as under a GradScaler); the next check step stops the run, before any
+    checkpoint could hold it."""
     step, history, seconds = run["step"], run["history"], run["seconds"]
     world, cuda = dist.get_world_size(), device.startswith("cuda")
     peak = model_lib.device_peak_flops(device)
-    progress, t_log, window = common.Progress(cfg.max_steps, start=step), time.time(), []
+    progress, t_log = common.Progress(cfg.max_steps, start=step), time.time()
+    sums, lengths = torch.zeros(3, device=device), []          # loss, masked share, skipped steps
+    feed = Prefetch(batches, slots, step, cfg.max_steps)
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        micro = on_every_rank(batches, device, step)
-        loss_sum, masked_frac = torch.zeros((), device=device), torch.zeros((), device=device)
-        for i, (x0, maskable) in zip(sorted(slots), micro):
-            maskable = None if maskable is None else maskable.to(device)
-            loss, masked = md_micro_loss(model, x0.to(device), model.cfg.mask_id, cfg, slots[i].gen, ce_fn, maskable)
-            (loss / len(micro)).backward()
-            loss_sum += loss.detach() / len(micro)
-            masked_frac += masked.float().mean() / len(micro)
+        micro, data_states = feed.next()
+        L = micro[0][0].shape[1]
+        with eager_unless(L == cfg.block_size):
+            for i, (x0, maskable) in zip(sorted(slots), micro):
+                maskable = None if maskable is None else maskable.to(device, non_blocking=True)
+                loss, masked = md_micro_loss(model, x0.to(device, non_blocking=True), model.cfg.mask_id, cfg,
+                                             slots[i].gen, ce_fn, maskable)
+                (loss / len(micro)).backward()
+                sums[:2] += torch.stack([loss.detach(), masked.float().mean()]) / len(micro)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        opt.found_inf = (~torch.isfinite(norm)).float()          # fused AdamW: skip the step, on the GPU
+        sums[2] += opt.found_inf
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        L = micro[0][0].shape[1]
-        stats = torch.stack([loss_sum, masked_frac])
-        dist.all_reduce(stats)
-        loss_val, frac = (stats / world).tolist()
-        lengths = torch.tensor([L, -L], device=device)
-        dist.all_reduce(lengths, op=dist.ReduceOp.MAX)
-        if lengths.sum().item() != 0:              # a bug, not a user error: every rank sees it alike
-            raise RuntimeError(f"ranks trained step {step} on different lengths ({-lengths[1].item()}.."
-                               f"{lengths[0].item()})")
-        if not math.isfinite(loss_val):
-            raise ValueError(f"the training loss became {loss_val} at step {step}; stopped. The last complete "
-                             f"checkpoint is {(checkpoints(out_dir) or ['none'])[-1]}")
-        window.append((loss_val, frac, cfg.batch_size * L))
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        lengths.append(L)
+        last = step == cfg.max_steps
+        if not (last or step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step % cfg.save_every == 0):
+            continue
+        totals = sums.clone()
+        dist.all_reduce(totals)
+        loss_val, frac, skipped = (totals / torch.tensor([world * len(lengths)] * 2 + [world], device=device)).tolist()
+        check_lengths(lengths, step)
+        if skipped or not math.isfinite(loss_val):
+            raise ValueError(f"the training loss became {loss_val} by step {step}; stopped (the non-finite step "
+                             f"did not reach the weights). The last complete checkpoint is "
+                             f"{(checkpoints(out_dir) or ['none'])[-1]}")
+        if last or step % cfg.log_every == 0:
             dt = time.time() - t_log
-            tok_s = sum(w[2] for w in window) / dt
-            mean_frac = sum(w[1] for w in window) / len(window)
-            mfu = model_lib.estimate_mfu(model.flops_per_token(cfg.block_size, mean_frac), tok_s / world, peak)
+            tok_s = cfg.batch_size * sum(lengths) / dt
+            mfu = model_lib.estimate_mfu(model.flops_per_token(cfg.block_size, frac), tok_s / world, peak)
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-            grad_norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else float(norm)
-            rec = dict(step=step, loss=sum(w[0] for w in window) / len(window), lr=lr, grad_norm=grad_norm,
-                       seq_len=L, tokens_per_sec=tok_s, tokens_per_sec_per_gpu=tok_s / world, mfu=mfu,
-                       peak_mem_gib=mem, seconds=seconds + progress.elapsed())
-            log(f"step {step:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | grad norm {grad_norm:.2f} | "
+            grad_norm = norm.item()
+            rec = dict(step=step, loss=loss_val, lr=lr, grad_norm=grad_norm, seq_len=lengths[-1], tokens_per_sec=tok_s,
+                       tokens_per_sec_per_gpu=tok_s / world, mfu=mfu, peak_mem_gib=mem,
+                       seconds=seconds + progress.elapsed())
+            log(f"step {step:6d} | loss {loss_val:.4f} | lr {lr:.2e} | grad norm {grad_norm:.2f} | "
                 f"{tok_s:,.0f} tok/s ({tok_s / world:,.0f}/GPU)" + (f" | MFU {100 * mfu:.1f}%" if mfu else "")
                 + (f" | peak mem {mem:.1f} GiB" if mem else "") + f" | {progress.eta(step)}", **rec)
             history.append(rec)
-            t_log, window = time.time(), []
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            sums.zero_()
+            t_log, lengths = time.time(), []
+        if last or step % cfg.eval_every == 0:
             nll = evaluate()
             history.append(dict(step=step, test_loss=nll))
             log(f"step {step:6d} | held-out NLL {nll:.4f} (full-range bound, nats/token)", step=step, test_loss=nll)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if last or step % cfg.save_every == 0:
+            mine = {i: {**data_states[i], "gen": slots[i].gen.get_state()} for i in slots}
             states = [None] * world
-            dist.all_gather_object(states, {i: s.state_dict() for i, s in slots.items()})
+            dist.all_gather_object(states, mine, group=CONTROL)
             extra = dict(step=step, slots={i: s for d in states for i, s in d.items()}, history=history,
                          config=asdict(cfg), seconds=seconds + progress.elapsed(), changes=run["changes"])
-            save_checkpoint(out_dir, step, model, opt, extra, cfg.keep)
+            save_checkpoint(out_dir, step, model, opt, extra, cfg.keep, model_only=last and cfg.last_save_model_only)
+    wait_for_save()
     return dict(run, step=step, history=history, seconds=seconds + progress.elapsed())
+
+
+def eager_unless(full_length):
+    """LLaDA's random-length steps (1%) run eagerly: the compiled blocks keep one static graph for
+    the full block length instead of recompiling, or going dynamic, for every length drawn."""
+    import contextlib
+    return contextlib.nullcontext() if full_length else torch.compiler.set_stance("force_eager")
+
+
+def check_lengths(lengths, step):
+    """LLaDA's random lengths are drawn from the step alone, so every rank crops alike; a rank that
+    did not is a bug, found by comparing the lengths since the last check (CPU, over gloo)."""
+    mine = torch.tensor([sum(lengths), -sum(lengths)], dtype=torch.float64)
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=CONTROL)
+    if mine.sum().item() != 0:
+        raise RuntimeError(f"ranks trained the steps up to {step} on different lengths")
 
 
 def finish(cfg, model, out_dir, export_dir, tok, ids, run, plot, **notes):
@@ -397,27 +465,46 @@ def checkpoints(out_dir):
                   and not d.endswith(".tmp"))
 
 
-def save_checkpoint(out_dir, step, model, opt, extra, keep):
+PENDING = []     # the checkpoint being written: (future, tmp folder, final folder, out_dir, keep, extra)
+
+
+def save_checkpoint(out_dir, step, model, opt, extra, keep, model_only=False):
     """Sharded (torch.distributed.checkpoint: every rank writes its part) model and optimizer, plus
-    rank 0's extra.pt (step, data positions and generators of every slot, history, settings)."""
+    rank 0's extra.pt (step, data positions and generators of every slot, history, settings).
+    Written asynchronously (dcp.async_save: the state is staged to host memory, training goes on
+    while it is written), as step_N.tmp, renamed whole by wait_for_save (at the next save, or the
+    end). model_only: the last save of a run may drop the optimizer state (two thirds of the
+    bytes); such a checkpoint exports and evaluates, it does not resume."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    rank = dist.get_rank()
+    wait_for_save()
     final = os.path.join(out_dir, f"step_{step:07d}")
     tmp = final + ".tmp"
-    if rank == 0 and os.path.exists(tmp):
+    if dist.get_rank() == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)                   # the leftovers of a run killed while saving
-    dist.barrier()
+    dist.barrier(group=SAVING)
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-    if rank == 0:
-        torch.save(extra, os.path.join(tmp, "extra.pt"))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old)
-    dist.barrier()
+    state = {"model": msd} if model_only else {"model": msd, "optim": osd}
+    future = dcp.async_save(state, checkpoint_id=tmp, process_group=SAVING)
+    PENDING.append((future, tmp, final, out_dir, keep, dict(extra, model_only=model_only)))
+
+
+def wait_for_save():
+    """Finish the checkpoint in flight: every rank's part written, then extra.pt, then the rename
+    that makes it complete, then the oldest beyond --keep removed (this run's own: a fresh run
+    never starts in a folder holding another's)."""
+    while PENDING:
+        future, tmp, final, out_dir, keep, extra = PENDING.pop()
+        future.result()
+        dist.barrier(group=SAVING)
+        if dist.get_rank() == 0:
+            torch.save(extra, os.path.join(tmp, "extra.pt"))
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in checkpoints(out_dir)[:-keep]:
+                shutil.rmtree(old)
+        dist.barrier(group=SAVING)
 
 
 def read_extra(path):
@@ -453,18 +540,25 @@ def load_checkpoint(path, model, opt, device):
 
 def export(model, folder, tok, ids, dtype):
     """One consolidated LLaDA-format folder: safetensors shards, config.json (LLaDA's key names)
-    and tokenizer.json, all the next step (sft_8b.py, eval_8b.py) needs. The full state dict is
-    gathered to rank 0's CPU; the GPUs never hold it whole."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    and tokenizer.json, all the next step (sft_8b.py, eval_8b.py) needs. One parameter at a time is
+    cast to the export dtype on its shards (half the bytes to move, in bf16), gathered, and kept
+    on rank 0's CPU alone; the GPUs never hold the model whole. The other ranks are done after the
+    last gather: none waits in a collective while rank 0 writes 16 GB."""
+    dtype_ = getattr(torch, dtype)
+    state = {}
+    for name, p in model.state_dict().items():
+        full = p.to(dtype_)
+        full = full.full_tensor() if hasattr(full, "full_tensor") else full
+        if dist.get_rank() == 0:
+            state[name] = full.cpu()
+        del full
     if dist.get_rank() == 0:
         os.makedirs(folder, exist_ok=True)
-        model_lib.save_safetensors(state, folder, dtype=getattr(torch, dtype))
+        model_lib.save_safetensors(state, folder, dtype=dtype_)
         config = model_lib.config_to_json(model.cfg, eos_token_id=ids["eos"], pad_token_id=ids["eos"],
                                           bos_token_id=ids["bos"], torch_dtype=dtype)
         common.write_json(os.path.join(folder, "config.json"), config)
         tok.save(os.path.join(folder, "tokenizer.json"))
-    dist.barrier()
 
 
 # ----------------------------------------------------------------------------- Fig. 4
@@ -500,53 +594,81 @@ def plot_runs_cli(a):
 
 # ----------------------------------------------------------------------------- planning and speed
 
-ACT_NOTE = ("activations: per token and block ~2(14d + 4h) bytes saved for backward (bf16 tensors, the fp32 "
-            "RMSNorm copies, flash attention: no L x L scores), 2d with checkpointing plus one block recomputed")
-
-
-def plan(cfg, world, mfu, gpu_gib=80, peak=989e12, paper_hours=None):
-    """--dry-run: the configured model on `meta` and what a run of it costs on `world` GPUs of
-    `gpu_gib` (H100 SXM: 989 TFLOP/s dense bf16). Returns the numbers it prints."""
-    ids = dict(vocab=256 + len(SPECIALS), mask=257) if not cfg.model.startswith("llada") else None
+def plan_model(cfg):
+    """The configured model on `meta` (no memory), vocabulary sized as a run would size it."""
     mc = model_lib.get_config(cfg.model, block_size=cfg.block_size)
-    if ids:
-        mc = replace(mc, vocab_size=ids["vocab"], mask_id=ids["mask"])
+    if not cfg.model.startswith("llada"):
+        mc = replace(mc, vocab_size=256 + len(SPECIALS), mask_id=257)
     with torch.device("meta"):
-        m = model_lib.Transformer(mc)
+        return model_lib.Transformer(mc)
+
+
+def memory_gib(cfg, world, m):
+    """Peak GiB per GPU by part and, in total, per activation-checkpointing policy: an upper bound
+    (the parts' peaks are added although not all coincide). Bytes per token and block kept for
+    backward: ~2(14d + 4h) without checkpointing (bf16 tensors, fp32 norm copies, flash attention
+    keeps no L x L scores); 2(7d + 2h) selective (matmul and attention outputs, the block input);
+    2d full (the block input) plus one block recomputed at a time."""
+    mc, gib = m.cfg, 2.0 ** 30
     n, d, h, V, nl = m.num_params(), mc.d_model, mc.mlp_hidden, mc.vocab_size, mc.n_layer
+    tok = cfg.micro_batch * cfg.block_size
+    head = V * d * (1 if mc.tie_weights else 2)             # embedding + head parameters
+    block = 4 * d * d + 3 * d * h + 2 * d
+    parts = dict(params=4 * n / world, grads=4 * n / world, adam=8 * n / world,
+                 gathered=2 * (head + 2 * block),           # bf16: embedding, head kept gathered, 2 blocks in flight
+                 reduce_buffers=6 * (head / 2 + 2 * block), # bf16 unsharded grads + fp32 reduce-scatter input
+                 logits_t1=12 * tok * V,                    # worst t: bf16 logits, fp32 upcast, fp32 + bf16 grads
+                 overhead=3 * gib)                          # CUDA context, NCCL buffers, fragmentation (allowance)
+    none = 2 * (14 * d + 4 * h) * tok
+    acts = {"none": nl * none, "selective": nl * 2 * (7 * d + 2 * h) * tok,
+            "every-2": (nl // 2) * none + (nl - nl // 2) * 2 * d * tok + none, "full": nl * 2 * d * tok + none}
+    fixed = sum(parts.values())
+    return {k: v / gib for k, v in parts.items()}, {k: (fixed + a) / gib for k, a in acts.items()}
+
+
+def choose_ac(cfg, world, device):
+    """--ac auto: on a GPU, the cheapest policy in recomputation that fits 90% of --gpu-gib
+    (none, then selective, then full); on a CPU, none."""
+    if cfg.ac != "auto":
+        return cfg.ac
+    if not device.startswith("cuda"):
+        return "none"
+    return fitting_policy(memory_gib(cfg, world, plan_model(cfg))[1], cfg.gpu_gib)
+
+
+def fitting_policy(totals, gpu_gib):
+    return next((p for p in ("none", "selective", "full") if totals[p] < 0.9 * gpu_gib), "full")
+
+
+def plan(cfg, world, mfu, peak=989e12, paper_hours=None):
+    """--dry-run: parameters, FLOPs, memory per GPU under each checkpointing policy on `world` GPUs
+    of cfg.gpu_gib, and time at `mfu` of `peak` (H100 SXM: 989 TFLOP/s dense bf16). Returns the
+    numbers it prints."""
+    m = plan_model(cfg)
+    n, V, d = m.num_params(), m.cfg.vocab_size, m.cfg.d_model
     head_frac = (cfg.t0 + cfg.t1) / 2                      # E[t]: share of positions that run the head
     fpt = m.flops_per_token(cfg.block_size, head_frac)
     tokens_step = cfg.batch_size * cfg.block_size
-    tok_mb = cfg.micro_batch * cfg.block_size
-    gib = 2.0 ** 30
-    root = (V * d * (1 if mc.tie_weights else 2) + d) * 2  # bf16 embedding + head, gathered all step
-    block = (4 * d * d + 3 * d * h + 2 * d) * 2            # one bf16 block gathered (x2: prefetch)
-    mem = dict(params=4 * n / world, grads=4 * n / world, adam=8 * n / world, gathered=root + 2 * block)
-    per_block = 2 * (14 * d + 4 * h) * tok_mb
-    act_ckpt, act_full = nl * 2 * d * tok_mb + per_block, nl * per_block
-    logits = lambda frac: frac * tok_mb * V * 12            # bf16 logits + fp32 upcast + fp32 and bf16 grads
-    fixed = sum(mem.values())
+    parts, totals = memory_gib(cfg, world, m)
+    auto = fitting_policy(totals, cfg.gpu_gib)
     step_s = fpt * tokens_step / (world * peak * mfu)
     out = dict(parameters=n, flops_per_token=fpt, flops_per_step=fpt * tokens_step, step_seconds=step_s,
-               total_hours=step_s * cfg.max_steps / 3600,
-               gib=dict(**{k: v / gib for k, v in mem.items()}, activations_ckpt=act_ckpt / gib,
-                        activations_no_ckpt=act_full / gib, logits_mean_t=logits(head_frac) / gib,
-                        logits_t1=logits(1.0) / gib))
+               total_hours=step_s * cfg.max_steps / 3600, gib=parts, total_gib=totals, ac_auto=auto)
     accum = cfg.batch_size / (cfg.micro_batch * world)
-    print(f"{cfg.model}: {n:,} parameters ({n - (V * d * (1 if mc.tie_weights else 2)):,} outside the embedding "
+    print(f"{cfg.model}: {n:,} parameters ({n - V * d * (1 if m.cfg.tie_weights else 2):,} outside the embedding "
           f"and head), block {cfg.block_size}, vocabulary {V:,}")
     print(f"FLOPs per token (6N + attention, head on the masked share E[t] = {head_frac:g}): {fpt / 1e9:.2f} G; "
           f"per step of {cfg.batch_size} x {cfg.block_size} = {tokens_step:,} tokens: {fpt * tokens_step:.3e}")
     print(f"per GPU, {world} GPUs, micro-batch {cfg.micro_batch} ({accum:g} accumulation steps), FSDP2 "
           f"(fp32 master, bf16 compute), GiB:")
-    for k in ("params", "grads", "adam", "gathered"):
-        print(f"  {k:<28} {mem[k] / gib:8.2f}")
-    print(f"  {'activations, checkpointing':<28} {act_ckpt / gib:8.2f}   (without: {act_full / gib:.2f})")
-    print(f"  {'logits, masked only, E[t]':<28} {logits(head_frac) / gib:8.2f}   (t = 1: {logits(1.0) / gib:.2f})")
-    for ck, act in (("with", act_ckpt), ("without", act_full)):
-        total = (fixed + act + logits(1.0)) / gib
-        print(f"  total {ck} checkpointing, worst t: {total:.1f} GiB of {gpu_gib} "
-              f"({'fits' if total < 0.9 * gpu_gib else 'does NOT fit'})")
+    for k, v in parts.items():
+        print(f"  {k:<28} {v:8.2f}")
+    for policy, total in totals.items():
+        print(f"  total, --ac {policy:<10} {total:8.1f} of {cfg.gpu_gib:g} GiB "
+              f"({'fits' if total < 0.9 * cfg.gpu_gib else 'does NOT fit'} in 90%)")
+    print(f"--ac auto picks {auto} (recomputation: selective repeats the elementwise ops, full a whole forward of "
+          f"each block, ~25% of the step); the held-out evaluation runs in micro-batch chunks without gradients, "
+          f"below the training peak")
     print(f"time at {100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s per GPU: {step_s:.2f} s a step, "
           f"{out['total_hours']:.1f} h for {cfg.max_steps:,} steps ({cfg.max_steps * tokens_step / 1e9:.2f} B tokens)")
     if paper_hours:
@@ -554,46 +676,54 @@ def plan(cfg, world, mfu, gpu_gib=80, peak=989e12, paper_hours=None):
         out["paper_hours_mfu"] = implied
         print(f"the paper's 'about {paper_hours} hours' for {cfg.max_steps:,} steps on {world} H100s implies "
               f"{100 * implied:.0f}% MFU")
-    print(ACT_NOTE)
     return out
 
 
-def benchmark(cfg, device, compile_model, layers, steps=10, warmup=3):
-    """Forward + backward + optimizer steps of the preset's full-width blocks (`layers` of them plus
-    embedding and head), FSDP2 over the GPUs present, random tokens, t ~ U[t0, t1]; tokens/s per
-    GPU, MFU and peak memory (rank 0 prints)."""
+def benchmark(cfg, device, compile_model, layers, steps=10, warmup=2):
+    """Optimizer steps as the full run takes them (its gradient accumulation: batch_size /
+    (micro_batch x GPUs) micro-batches a step) on the preset's full-width blocks (`layers` of them,
+    with the embedding and head), FSDP2 over the GPUs present, random tokens, t ~ U[t0, t1]; tokens/s
+    per GPU, MFU and peak memory (rank 0 prints). With fewer blocks than the model the head's share
+    of the FLOPs is larger than in the full run: it is printed beside the result."""
     rank, world, device = setup_distributed(device)
-    cuda = device.startswith("cuda")
     check_config(cfg, world)
-    mc = model_lib.get_config(cfg.model, block_size=cfg.block_size, grad_checkpoint=cfg.grad_checkpoint,
-                              **({"n_layer": layers} if layers else {}))
-    if not cfg.model.startswith("llada"):
-        mc = replace(mc, vocab_size=256 + len(SPECIALS), mask_id=257)
-    model = build_model(mc, device, cfg.seed, mixed_precision=cuda, compile_model=compile_model)
-    opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
+    full = plan_model(cfg)
+    mc = replace(full.cfg, n_layer=layers or full.cfg.n_layer)
+    ac = choose_ac(cfg, world, device)
+    model, opt = build(mc, cfg, device, compile_model, ac)
     ce_fn, gen = loss_ce(compile_model), torch.Generator(device).manual_seed(rank)
+    accum = cfg.batch_size // (cfg.micro_batch * world)
 
     def one_step():
-        x0 = torch.randint(0, mc.mask_id, (cfg.micro_batch, cfg.block_size), generator=gen, device=device)
-        loss, masked = md_micro_loss(model, x0, mc.mask_id, cfg, gen, ce_fn)
-        loss.backward()
+        frac = torch.zeros((), device=device)
+        for _ in range(accum):
+            x0 = torch.randint(0, mc.mask_id, (cfg.micro_batch, cfg.block_size), generator=gen, device=device)
+            loss, masked = md_micro_loss(model, x0, mc.mask_id, cfg, gen, ce_fn)
+            (loss / accum).backward()
+            frac += masked.float().mean() / accum
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return masked.float().mean()
+        return frac
     seconds, fracs = common.time_steps(one_step, steps, warmup, device)
-    frac = fracs.mean().item()
-    tok_s = steps * cfg.micro_batch * cfg.block_size / seconds      # per GPU
-    mfu = model_lib.estimate_mfu(model.flops_per_token(cfg.block_size, frac), tok_s, model_lib.device_peak_flops(device))
+    frac, cuda = fracs.mean().item(), device.startswith("cuda")
+    tok_s = steps * accum * cfg.micro_batch * cfg.block_size / seconds      # per GPU
+    fpt = model.flops_per_token(cfg.block_size, frac)
+    head = lambda m: 6 * m.cfg.vocab_size * m.cfg.d_model * frac / m.flops_per_token(cfg.block_size, frac)
+    mfu = model_lib.estimate_mfu(fpt, tok_s, model_lib.device_peak_flops(device))
     out = dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", world_size=world, model=cfg.model,
                n_layer=mc.n_layer, d_model=mc.d_model, block_size=cfg.block_size, micro_batch=cfg.micro_batch,
-               grad_checkpoint=cfg.grad_checkpoint, compile=compile_model, tokens_per_sec_per_gpu=tok_s, mfu=mfu,
+               accumulation=accum, ac=ac, compile=compile_model, tokens_per_sec_per_gpu=tok_s, mfu=mfu,
+               head_share=head(model), head_share_full_model=head(full),
                peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
     if rank == 0:
-        print(f"{mc.n_layer} x d_model {mc.d_model} blocks + head, {cfg.micro_batch} x {cfg.block_size} tokens per "
-              f"GPU, {world} GPU(s), checkpointing {'on' if cfg.grad_checkpoint else 'off'}, compile "
+        print(f"{mc.n_layer} of {full.cfg.n_layer} blocks (d_model {mc.d_model}) + head, {accum} x {cfg.micro_batch} "
+              f"x {cfg.block_size} tokens per GPU per step, {world} GPU(s), --ac {ac}, compile "
               f"{'on' if compile_model else 'off'}: {tok_s:,.0f} tokens/s per GPU" +
               (f", MFU {100 * mfu:.1f}%" if mfu else "") +
-              (f", peak memory {out['peak_memory_gib']:.1f} GiB" if cuda else ""), flush=True)
+              (f", peak memory {out['peak_memory_gib']:.1f} GiB" if cuda else "") +
+              f"; the head is {100 * out['head_share']:.0f}% of these FLOPs, {100 * out['head_share_full_model']:.0f}% "
+              f"of the full model's", flush=True)
     return out
 
 

@@ -118,7 +118,7 @@ def md_mse_loss(pred, x0, masked, t, *, reduction="mean"):
 
 
 @torch.no_grad()
-def elbo_terms(model_fn, x0, mask_id, *, n_t=8, maskable=None, generator=None):
+def elbo_terms(model_fn, x0, mask_id, *, n_t=8, maskable=None, generator=None, chunk=None):
     """Per-draw terms of the full-range bound: returns (t, nll), each (B * n_t,).
 
     For every sequence, n_t mask ratios tile (0, 1] (stratified). Each draw masks
@@ -127,7 +127,8 @@ def elbo_terms(model_fn, x0, mask_id, *, n_t=8, maskable=None, generator=None):
     E_{t~U[0,1]} E_m[(1/t) sum_masked CE] / L exactly, because
     int_0^1 (1/t) Binom(l; L, t) dt = 1/l (LLaDA App. B.6 / Ou et al. 2025), and it
     has much lower variance than drawing a Bernoulli mask and weighting by 1/t.
-    A model with uniform logits scores log V on every draw.
+    A model with uniform logits scores log V on every draw. chunk: rows per model call (the masks
+    are drawn first, so the result does not depend on it; only the peak memory does).
     """
     B, L = x0.shape
     x = x0.repeat_interleave(n_t, 0)
@@ -142,13 +143,15 @@ def elbo_terms(model_fn, x0, mask_id, *, n_t=8, maskable=None, generator=None):
     rank = scores.argsort(1).argsort(1)
     masked = rank < n_mask[:, None]
     xt = torch.where(masked, torch.full_like(x, mask_id), x)
-    logits = model_fn(xt)
-    if logits.dim() == 3:       # full (B, L, V) logits; (n_masked, V) ones are already gathered
-        logits = logits[masked]
-    ce = F.cross_entropy(logits.float(), x[masked], reduction="none")
-    row = masked.nonzero()[:, 0]
-    nll = torch.zeros(len(x), device=x0.device).index_add_(0, row, ce) / n_mask
-    return t, nll
+    nll = torch.zeros(len(x), device=x0.device)
+    for lo in range(0, len(x), chunk or len(x)):
+        part = slice(lo, lo + (chunk or len(x)))
+        logits = model_fn(xt[part])
+        if logits.dim() == 3:       # full (B, L, V) logits; (n_masked, V) ones are already gathered
+            logits = logits[masked[part]]
+        ce = F.cross_entropy(logits.float(), x[part][masked[part]], reduction="none")
+        nll[part].index_add_(0, masked[part].nonzero()[:, 0], ce)
+    return t, nll / n_mask
 
 
 def elbo_nll(model_fn, x0, mask_id, *, n_t=8, maskable=None, generator=None):

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -38,7 +37,6 @@ class ModelConfig:
     tie_weights: bool = True      # share the input embedding with the output head
     dropout: float = 0.0
     init_std: float = 0.02        # GPT-2's init scale
-    grad_checkpoint: bool = False  # recompute each block in backward: memory for compute
 
     def __post_init__(self):
         choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "pos": ("learned", "rope")}
@@ -215,10 +213,7 @@ class Transformer(nn.Module):
         if self.cfg.pos == "learned":
             x = x + self.transformer.wpe(torch.arange(L, device=idx.device) if pos is None else pos)
         for block in self.transformer.blocks:
-            if self.cfg.grad_checkpoint and self.training:
-                x = checkpoint(block, x, pos, keys, use_reentrant=False)
-            else:
-                x = block(x, pos, keys)
+            x = block(x, pos, keys)
         x = self.transformer.ln_f(x)
         if output_mask is not None:
             x = x[output_mask]
@@ -244,24 +239,31 @@ class Transformer(nn.Module):
         body = self.num_params(non_embedding=True) - head
         return 6 * (body + head_fraction * head) + 12 * cfg.n_layer * cfg.d_model * seq_len
 
-    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
-        """AdamW; weight decay on matrices and embeddings only, never on norms or biases."""
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu", fused=None):
+        """AdamW; weight decay on matrices and embeddings only, never on norms or biases. fused
+        (default on CUDA) also lets a step be skipped on the device (`found_inf`, as GradScaler)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda") if fused is None else fused)
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+# Dense bf16 peaks from NVIDIA's data sheets, matched in this order against the card's name: the
+# PCIe and NVL H100s are slower than the SXM one ("NVIDIA H100 80GB HBM3"), which is matched last.
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+              ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12)]
 
 
 def device_peak_flops(device):
     """Peak bf16 FLOP/s of the current CUDA card, or None where we have no honest number (CPU)."""
     if not (str(device).startswith("cuda") and torch.cuda.is_available()):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name):
+    return next((v for k, v in PEAK_FLOPS if k in name), None)
 
 
 def estimate_mfu(flops_per_token, tokens_per_sec, peak_flops):
@@ -277,14 +279,67 @@ def shard_like(full, p):
     return full
 
 
+AC_POLICIES = ("none", "full", "selective", "every-N")
+
+
+def ac_modes(policy, n_layer):
+    """Per block: None (keep every activation), "full" (keep the block's input, recompute the
+    block in backward) or "selective" (keep matmul and attention outputs, recompute the cheap
+    ops between them). "every-N" is full on blocks 0, N, 2N, ... (torchtitan's policies)."""
+    if policy in ("none", "full", "selective"):
+        return [None if policy == "none" else policy] * n_layer
+    n = policy.removeprefix("every-")
+    if not (policy.startswith("every-") and n.isdigit() and int(n) >= 1):
+        raise ValueError(f"--ac must be none, full, selective or every-N (N >= 1), got {policy!r}")
+    return ["full" if i % int(n) == 0 else None for i in range(n_layer)]
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    """Selective checkpointing: what costs FLOPs is kept, the elementwise ops are recomputed."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    keep = op in _SAVED_OPS
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)}
+
+
+def apply_ac(model, policy, compile_blocks=False):
+    """Activation checkpointing by policy, then (optionally) torch.compile, block by block, in
+    torchtitan's order: the checkpointed forward is what is compiled, so recomputation happens
+    inside the compiled region, and FSDP's hooks (on the module call) stay outside it. Names
+    of parameters do not change (no wrapper module), so checkpoints and exports are unaffected."""
+    from functools import partial
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    for block, mode in zip(model.transformer.blocks, ac_modes(policy, model.cfg.n_layer)):
+        forward = block.forward
+        if mode is not None:
+            context = partial(create_selective_checkpoint_contexts, _save_matmuls) if mode == "selective" else None
+            forward = partial(checkpoint, forward, use_reentrant=False,
+                              **({"context_fn": context} if context else {}))
+        if compile_blocks:
+            forward = torch.compile(forward, fullgraph=True)
+        block.forward = forward
+    return model
+
+
 def apply_fsdp(model, mixed_precision=True):
-    """FSDP2: shard every block, then the root (embeddings, final norm, head).
-    With mixed_precision, compute in bf16 and reduce gradients in fp32."""
+    """FSDP2 units as torchtitan shards them: the token embedding, every block, then the final
+    norm and head together (kept gathered from forward to backward: they are needed again at
+    once), and the root for what is left. mixed_precision: bf16 compute, fp32 gradient reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
     kwargs = {"mp_policy": mp} if mp is not None else {}
-    for block in model.transformer.blocks:
+    t = model.transformer
+    if not model.cfg.tie_weights:          # a tied head shares the embedding's unit
+        fully_shard(t.wte, **kwargs)
+    for block in t.blocks:
         fully_shard(block, **kwargs)
+    if not model.cfg.tie_weights:
+        fully_shard([t.ln_f, t.ff_out], reshard_after_forward=False, **kwargs)
     fully_shard(model, **kwargs)
     return model
 

@@ -66,7 +66,9 @@ class PretrainConfig:
     log_every: int = 10               # steps between log lines (and host syncs)
     save_every: int = 500             # steps between sharded checkpoints
     keep: int = 2                     # complete checkpoints kept
-    grad_checkpoint: bool = True      # recompute every block in backward (memory for compute)
+    ac: str = "auto"                  # activation checkpointing: auto (the plan picks for --gpu-gib) | none | full | selective | every-N
+    gpu_gib: float = 80.0             # memory of one GPU, for the plan and --ac auto (H100: 80, H200: 141)
+    last_save_model_only: bool = False  # the run's last checkpoint without the optimizer (exports, does not resume)
     export_dtype: str = "bfloat16"    # LLaDA's Hub weights are bfloat16
     seed: int = 0
 
@@ -156,16 +158,27 @@ def documents(rows, cfg, where, skipped):
             yield str(text)
 
 
+def slot_stream(ds, index, n_slots):
+    """Slot `index`'s share of the stream, every document read by one slot only. With at least as
+    many files as slots, whole files are dealt out (slot j reads files j, j + n_slots, ...; some
+    slots get one more): each slot streams only its own. split_dataset_by_node would do this only
+    when the file count is a multiple of n_slots (DCLM's is not) and otherwise make every slot read
+    every file and keep one row in n_slots. With fewer files than slots, rows are dealt out so."""
+    from datasets.distributed import split_dataset_by_node
+    if ds.num_shards >= n_slots:
+        return ds.shard(n_slots, index, contiguous=False)
+    return split_dataset_by_node(ds, rank=index, world_size=n_slots)
+
+
 class Slot:
-    """The token stream behind one micro-batch position of the global batch: documents of
-    split_dataset_by_node(stream, slot, n_slots), joined with EOS and cut into block_size
-    blocks, plus the generator of its masks. A rank owns batch_size / (micro_batch * world)
-    slots, so the global batch and its masks are the same whatever the world size. Its state
-    (stream position, leftover tokens, generator) is a small dict, saved with checkpoints."""
+    """The token stream behind one micro-batch position of the global batch: the documents of its
+    slot_stream, joined with EOS and cut into block_size blocks, plus the generator of its masks.
+    A rank owns batch_size / (micro_batch * world) slots, so the global batch and its masks are
+    the same whatever the world size. Its state (stream position, leftover tokens, generator) is
+    a small dict, saved with checkpoints."""
 
     def __init__(self, ds, index, n_slots, tok, eos, cfg, held_out, device, where):
-        from datasets.distributed import split_dataset_by_node
-        self.ds = split_dataset_by_node(ds, rank=index, world_size=n_slots)
+        self.ds = slot_stream(ds, index, n_slots)
         self.tok, self.eos, self.cfg, self.held_out, self.where = tok, eos, cfg, held_out, where
         self.buffer, self.epoch, self.docs, self.it, self.skipped = [], 0, 0, None, {}
         self.gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + index)
@@ -193,9 +206,11 @@ class Slot:
         out, self.buffer = self.buffer[:need], self.buffer[need:]
         return torch.tensor(out, dtype=torch.long).view(n, self.cfg.block_size)
 
-    def state_dict(self):
-        return dict(ds=self.ds.state_dict(), buffer=list(self.buffer), epoch=self.epoch, docs=self.docs,
-                    gen=self.gen.get_state(), skipped=dict(self.skipped))
+    def data_state(self):
+        """Where the stream stands (taken right after a batch, on the prefetch thread)."""
+        import copy
+        return dict(ds=copy.deepcopy(self.ds.state_dict()), buffer=list(self.buffer), epoch=self.epoch,
+                    docs=self.docs, skipped=dict(self.skipped))
 
     def load_state_dict(self, s):
         self.ds.load_state_dict(s["ds"])
@@ -267,16 +282,14 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, expo
     fsdp.prepare_run(out_dir, export_dir, resume, rank, device)
     tok = fsdp.on_every_rank(fsdp.load_tokenizer, device, cfg.tokenizer)
     ids = fsdp.token_ids(tok, model_lib.get_config(cfg.model))
-    model_cfg = fsdp.model_config(cfg.model, ids, block_size=cfg.block_size, grad_checkpoint=cfg.grad_checkpoint)
+    model_cfg = fsdp.model_config(cfg.model, ids, block_size=cfg.block_size)
     ds = fsdp.on_every_rank(open_documents, device, cfg)
     where = data_source(cfg)
     eval_seqs, held_out, _ = fsdp.on_every_rank(held_out_set, device, ds, tok, ids["eos"], cfg, where)
     n_slots = cfg.batch_size // cfg.micro_batch
     slots = {i: Slot(ds, i, n_slots, tok, ids["eos"], cfg, held_out, device, where)
              for i in range(rank, n_slots, world)}                 # micro-step k uses slot rank + k * world
-    model = fsdp.build_model(model_cfg, device, cfg.seed, mixed_precision=device.startswith("cuda"),
-                             compile_model=compile_model)
-    opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
+    model, opt = fsdp.build(model_cfg, cfg, device, compile_model, fsdp.choose_ac(cfg, world, device))
     latest = fsdp.checkpoints(out_dir)[-1] if resume and fsdp.checkpoints(out_dir) else None
     run = fsdp.resume_from(latest, model, opt, slots, n_slots, device, cfg, allow_change)
     log = fsdp.Logger(out_dir, rank == 0)
@@ -321,11 +334,12 @@ def main(argv=None):
         fsdp.plan(cfg, world, a.plan_mfu, paper_hours=20 if cfg.model == "llada-8b" else None)
         return
     device = common.pick_device(a.device)
+    compile_model = device.startswith("cuda") if a.compile is None else a.compile    # on by default on GPUs
     try:
         if a.benchmark:
-            fsdp.benchmark(cfg, device, a.compile, a.bench_layers, a.bench_steps)
+            fsdp.benchmark(cfg, device, compile_model, a.bench_layers, a.bench_steps)
             return
-        summary = train(cfg, a.out_dir, device=device, resume=a.resume, compile_model=a.compile,
+        summary = train(cfg, a.out_dir, device=device, resume=a.resume, compile_model=compile_model,
                         export_dir=a.export, plot=a.plot, allow_change=a.allow_change)
         if summary:
             print(f"{fsdp.describe(cfg)}: held-out NLL {summary['test_loss']:.4f} nats/token after {summary['steps']} "

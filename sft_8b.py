@@ -57,7 +57,9 @@ class SFTConfig:
     log_every: int = 10               # steps between log lines
     save_every: int = 200             # steps between sharded checkpoints
     keep: int = 2                     # complete checkpoints kept
-    grad_checkpoint: bool = True      # recompute every block in backward (memory for compute)
+    ac: str = "auto"                  # activation checkpointing: auto (the plan picks for --gpu-gib) | none | full | selective | every-N
+    gpu_gib: float = 80.0             # memory of one GPU, for the plan and --ac auto (H100: 80, H200: 141)
+    last_save_model_only: bool = False  # the run's last checkpoint without the optimizer (exports, does not resume)
     export_dtype: str = "bfloat16"    # dtype of the exported safetensors: bfloat16 (LLaDA's) | float32
     seed: int = 0
 
@@ -158,8 +160,8 @@ class Rows:
         rows = torch.stack([self.order(int(e))[r] for e, r in zip(at // n, at % n)])
         return self.ids[rows], self.masks[rows]
 
-    def state_dict(self):
-        return dict(gen=self.gen.get_state())
+    def data_state(self):
+        return {}                # the rows of a step follow from the step
 
     def load_state_dict(self, s):
         self.gen.set_state(s["gen"])
@@ -170,7 +172,7 @@ class Rows:
 def init_config(cfg, ids):
     """The model to fine-tune: --init's config.json, or a model.py preset when training from scratch."""
     if not cfg.init:
-        return fsdp.model_config(cfg.model, ids, block_size=cfg.block_size, grad_checkpoint=cfg.grad_checkpoint)
+        return fsdp.model_config(cfg.model, ids, block_size=cfg.block_size)
     import json
     folder = model_lib.checkpoint_folder(cfg.init, "--init")
     path = os.path.join(folder, "config.json")
@@ -183,7 +185,7 @@ def init_config(cfg, ids):
     if ids["vocab"] > mc.vocab_size:
         raise ValueError(f"the tokenizer has {ids['vocab']:,} ids; the --init model only {mc.vocab_size:,}")
     masking.check_mask_id(ids["mask"], ids["vocab"], mc.vocab_size, ids["special"])
-    return replace(mc, mask_id=ids["mask"], grad_checkpoint=cfg.grad_checkpoint)
+    return replace(mc, mask_id=ids["mask"])
 
 
 def tokenizer_source(cfg):
@@ -214,11 +216,9 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, expo
     train_ids, train_masks = all_ids[cfg.eval_rows:], all_masks[cfg.eval_rows:]
     n_slots = cfg.batch_size // cfg.micro_batch
     slots = {i: Rows(train_ids, train_masks, i, cfg, device) for i in range(rank, n_slots, world)}
-    model = fsdp.build_model(model_cfg, device, cfg.seed, mixed_precision=device.startswith("cuda"),
-                           compile_model=compile_model)
+    model, opt = fsdp.build(model_cfg, cfg, device, compile_model, fsdp.choose_ac(cfg, world, device))
     if cfg.init:
         fsdp.on_every_rank(model_lib.load_safetensors, device, model, cfg.init)
-    opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
     latest = fsdp.checkpoints(out_dir)[-1] if resume and fsdp.checkpoints(out_dir) else None
     run = fsdp.resume_from(latest, model, opt, slots, n_slots, device, cfg, allow_change)
     log = fsdp.Logger(out_dir, rank == 0)
@@ -263,8 +263,9 @@ def main(argv=None):
         fsdp.plan(replace(cfg, model=preset), world, a.plan_mfu, paper_hours=6 if preset == "llada-8b" else None)
         return
     device = common.pick_device(a.device)
+    compile_model = device.startswith("cuda") if a.compile is None else a.compile    # on by default on GPUs
     try:
-        summary = train(cfg, a.out_dir, device=device, resume=a.resume, compile_model=a.compile,
+        summary = train(cfg, a.out_dir, device=device, resume=a.resume, compile_model=compile_model,
                         export_dir=a.export, plot=a.plot, allow_change=a.allow_change)
         if summary:
             print(f"SFT {fsdp.describe(cfg)}: held-out answer NLL {summary['test_loss']:.4f} nats/token after "

@@ -30,7 +30,7 @@ def test_export_of_an_fsdp_model_gives_the_same_logits(tmp_path):
     mc = fsdp.model_config("tiny", ids)
     x = torch.randint(0, 256, (2, 20))
     with world_of_one(tmp_path):
-        m = fsdp.build_model(mc, "cpu", seed=3, mixed_precision=False)
+        m, _ = fsdp.build(mc, PretrainConfig(seed=3), "cpu", compile_model=False, ac="none")
         want = m(x).detach()
         m.reshard()
         fsdp.export(m, str(tmp_path / "export"), tok, ids, "float32")
