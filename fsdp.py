@@ -206,12 +206,12 @@ def heldout_nll(model, seqs, cfg, device, maskable=None):
     total = torch.zeros(2, device=device)            # summed nll, number of draws
     for c in range(rank, math.ceil(len(chunks) / world) * world, world):
         real = c < len(chunks)
-        part = chunks[c if real else 0].to(device)
-        valid = masks[c if real else 0]
+        part, valid = chunks[c if real else 0].to(device), masks[c if real else 0]
         g = torch.Generator(device).manual_seed(1234 + c)
-        _, nll = masking.elbo_terms(lambda xt: model(xt, output_mask=xt == model.cfg.mask_id), part,
-                                    model.cfg.mask_id, n_t=cfg.eval_draws, generator=g, chunk=cfg.micro_batch,
-                                    maskable=None if valid is None else valid.to(device))
+        with eager_unless(len(part) * cfg.eval_draws % cfg.micro_batch == 0):    # a ragged chunk: no new graph
+            _, nll = masking.elbo_terms(lambda xt: model(xt, output_mask=xt == model.cfg.mask_id), part,
+                                        model.cfg.mask_id, n_t=cfg.eval_draws, generator=g, chunk=cfg.micro_batch,
+                                        maskable=None if valid is None else valid.to(device))
         if real:
             total += torch.stack([nll.float().sum(), torch.tensor(float(len(nll)), device=device)])
     dist.all_reduce(total)
@@ -237,7 +237,8 @@ class Logger:
 
 def check_config(cfg, world):
     """User errors that every rank finds alike, before any work (pre-training's and SFT's settings)."""
-    common.check_positive(batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, block_size=cfg.block_size)
+    common.check_positive(batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, block_size=cfg.block_size,
+                          gpu_gib=cfg.gpu_gib)
     masking.check_interval(cfg.t0, cfg.t1)
     if cfg.batch_size % (cfg.micro_batch * world):
         raise ValueError(f"the global batch of {cfg.batch_size} sequences is not a multiple of micro-batch "
@@ -245,12 +246,10 @@ def check_config(cfg, world):
     if cfg.schedule not in ("wsd", "cosine", "constant"):
         raise ValueError(f"--schedule must be wsd, cosine or constant, got {cfg.schedule!r}")
     positive = ("max_steps", "eval_every", "save_every", "log_every", "eval_seqs", "eval_docs", "eval_rows",
-                "eval_draws", "eval_batch", "keep", "block_size", "micro_batch")
-    if min(getattr(cfg, name) for name in positive if hasattr(cfg, name)) <= 0:
-        raise ValueError("steps, intervals, sizes and --keep must be positive")
+                "eval_draws", "eval_batch", "keep")
+    common.check_positive(**{name: getattr(cfg, name) for name in positive if hasattr(cfg, name)})
     if cfg.ac != "auto":
         model_lib.ac_modes(cfg.ac, 1)
-    common.check_positive(gpu_gib=cfg.gpu_gib)
     if cfg.export_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--export-dtype must be float32 or bfloat16, got {cfg.export_dtype!r}")
     if not 0 <= getattr(cfg, "random_length_prob", 0) <= 1:
@@ -317,17 +316,17 @@ class Prefetch:
         self.thread.start()
 
     def fill(self, batches, slots, start, stop):
-        for step in range(start, stop):
-            try:
-                micro = batches(step)
-                self.queue.put((micro, {i: s.data_state() for i, s in slots.items()}, None))
-            except (ValueError, OSError) as e:
-                self.queue.put((None, None, str(e)))
-                return
+        try:
+            for step in range(start, stop):
+                self.queue.put((batches(step), {i: s.data_state() for i, s in slots.items()}, None))
+        except Exception as e:       # to the main thread (which would otherwise wait for ever)
+            self.queue.put((None, None, e))
 
     def next(self):
         micro, states, error = self.queue.get()
-        agree(error)
+        agree(str(error) if isinstance(error, (ValueError, OSError)) else None)     # a user error, on every rank
+        if error is not None:
+            raise error              # a bug: its traceback
         return micro, states
 
 
@@ -411,11 +410,12 @@ def train_loop(cfg, model, opt, slots, batches, evaluate, out_dir, device, ce_fn
     return dict(run, step=step, history=history, seconds=seconds + progress.elapsed())
 
 
-def eager_unless(full_length):
-    """LLaDA's random-length steps (1%) run eagerly: the compiled blocks keep one static graph for
-    the full block length instead of recompiling, or going dynamic, for every length drawn."""
+def eager_unless(full_shape):
+    """LLaDA's random-length steps (1%) and ragged evaluation chunks run eagerly: the compiled blocks
+    keep one static graph for the full (micro-batch, block) shape instead of recompiling, or going
+    dynamic, for every shape drawn."""
     import contextlib
-    return contextlib.nullcontext() if full_length else torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext() if full_shape else torch.compiler.set_stance("force_eager")
 
 
 def check_lengths(lengths, step):
@@ -604,8 +604,8 @@ def plan_model(cfg):
 
 
 def memory_gib(cfg, world, m):
-    """Peak GiB per GPU by part and, in total, per activation-checkpointing policy: an upper bound
-    (the parts' peaks are added although not all coincide). Bytes per token and block kept for
+    """Peak GiB per GPU by part, in total per activation-checkpointing policy (an upper bound:
+    the parts' peaks are added although not all coincide), and the evaluation's. Bytes per token and block kept for
     backward: ~2(14d + 4h) without checkpointing (bf16 tensors, fp32 norm copies, flash attention
     keeps no L x L scores); 2(7d + 2h) selective (matmul and attention outputs, the block input);
     2d full (the block input) plus one block recomputed at a time."""
@@ -623,7 +623,9 @@ def memory_gib(cfg, world, m):
     acts = {"none": nl * none, "selective": nl * 2 * (7 * d + 2 * h) * tok,
             "every-2": (nl // 2) * none + (nl - nl // 2) * 2 * d * tok + none, "full": nl * 2 * d * tok + none}
     fixed = sum(parts.values())
-    return {k: v / gib for k, v in parts.items()}, {k: (fixed + a) / gib for k, a in acts.items()}
+    # the held-out NLL: no gradients, micro-batch chunks of t up to 1 (bf16 logits and their fp32 CE)
+    evaluation = fixed - parts["grads"] - parts["reduce_buffers"] - parts["logits_t1"] + 6 * tok * V + none
+    return {k: v / gib for k, v in parts.items()}, {k: (fixed + a) / gib for k, a in acts.items()}, evaluation / gib
 
 
 def choose_ac(cfg, world, device):
@@ -649,11 +651,12 @@ def plan(cfg, world, mfu, peak=989e12, paper_hours=None):
     head_frac = (cfg.t0 + cfg.t1) / 2                      # E[t]: share of positions that run the head
     fpt = m.flops_per_token(cfg.block_size, head_frac)
     tokens_step = cfg.batch_size * cfg.block_size
-    parts, totals = memory_gib(cfg, world, m)
+    parts, totals, evaluation = memory_gib(cfg, world, m)
     auto = fitting_policy(totals, cfg.gpu_gib)
     step_s = fpt * tokens_step / (world * peak * mfu)
     out = dict(parameters=n, flops_per_token=fpt, flops_per_step=fpt * tokens_step, step_seconds=step_s,
-               total_hours=step_s * cfg.max_steps / 3600, gib=parts, total_gib=totals, ac_auto=auto)
+               total_hours=step_s * cfg.max_steps / 3600, gib=parts, total_gib=totals, ac_auto=auto,
+               evaluation_gib=evaluation)
     accum = cfg.batch_size / (cfg.micro_batch * world)
     print(f"{cfg.model}: {n:,} parameters ({n - V * d * (1 if m.cfg.tie_weights else 2):,} outside the embedding "
           f"and head), block {cfg.block_size}, vocabulary {V:,}")
@@ -666,9 +669,9 @@ def plan(cfg, world, mfu, peak=989e12, paper_hours=None):
     for policy, total in totals.items():
         print(f"  total, --ac {policy:<10} {total:8.1f} of {cfg.gpu_gib:g} GiB "
               f"({'fits' if total < 0.9 * cfg.gpu_gib else 'does NOT fit'} in 90%)")
+    print(f"  held-out evaluation (no gradients, chunks of {cfg.micro_batch} sequences) {evaluation:8.1f}")
     print(f"--ac auto picks {auto} (recomputation: selective repeats the elementwise ops, full a whole forward of "
-          f"each block, ~25% of the step); the held-out evaluation runs in micro-batch chunks without gradients, "
-          f"below the training peak")
+          f"each block, ~25% of the step)")
     print(f"time at {100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s per GPU: {step_s:.2f} s a step, "
           f"{out['total_hours']:.1f} h for {cfg.max_steps:,} steps ({cfg.max_steps * tokens_step / 1e9:.2f} B tokens)")
     if paper_hours:

@@ -248,7 +248,6 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda") if fused is None else fused)
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
 # Dense bf16 peaks from NVIDIA's data sheets, matched in this order against the card's name: the
 # PCIe and NVL H100s are slower than the SXM one ("NVIDIA H100 80GB HBM3"), which is matched last.
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
@@ -290,7 +289,7 @@ def ac_modes(policy, n_layer):
         return [None if policy == "none" else policy] * n_layer
     n = policy.removeprefix("every-")
     if not (policy.startswith("every-") and n.isdigit() and int(n) >= 1):
-        raise ValueError(f"--ac must be none, full, selective or every-N (N >= 1), got {policy!r}")
+        raise ValueError(f"--ac must be auto, none, full, selective or every-N (N >= 1), got {policy!r}")
     return ["full" if i % int(n) == 0 else None for i in range(n_layer)]
 
 

@@ -35,8 +35,6 @@ DCLM = "mlfoundations/dclm-baseline-1.0"
 
 
 @dataclass
-
-
 class PretrainConfig:
     model: str = "llada-8b"           # a model.py preset
     dataset: str = DCLM               # Hub dataset, streamed; --data reads local files instead

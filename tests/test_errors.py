@@ -250,6 +250,25 @@ def test_8b_resume_with_another_interval_is_refused(tmp_path):
     assert snapshot(tmp_path / "run") == before
 
 
+def test_a_model_only_last_checkpoint_exports_and_is_not_resumed(tmp_path):
+    """--last-save-model-only drops the optimizer from the run's last checkpoint (two thirds of the
+    bytes at 8B): the run still exports; resuming from it is refused in one line, nothing touched."""
+    import torch.distributed.checkpoint as dcp
+    data = docs_file(tmp_path / "docs.jsonl")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_8b.py"),
+                        *tiny_pretrain(data, tmp_path / "run", "--last-save-model-only")],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = dcp.FileSystemReader(str(tmp_path / "run" / "step_0000002")).read_metadata().state_dict_metadata
+    assert saved and all(k.startswith("model.") for k in saved)
+    assert (tmp_path / "run" / "export" / "config.json").exists()
+    before = snapshot(tmp_path / "run")
+    msg = script_error("pretrain_8b.py", tiny_pretrain(data, tmp_path / "run", "--resume", "--max-steps", "4",
+                                                       "--allow-change", "max_steps"))
+    assert "holds the model only" in msg
+    assert snapshot(tmp_path / "run") == before
+
+
 @needs_data
 def test_wikitext_cache_is_keyed_by_content(tmp_path):
     """Two folders of one name, and a file edited in place, each get their own tokens."""
@@ -277,6 +296,9 @@ def test_wikitext_cache_is_keyed_by_content(tmp_path):
     ("pretrain_8b.py", ["--preset", "tiny", "--micro-batch", "0"], "--micro-batch must be positive"),
     ("pretrain_8b.py", ["--dry-run", "--micro-batch", "-2"], "--micro-batch must be positive"),
     ("pretrain_8b.py", ["--preset", "tiny", "--batch-size", "0"], "--batch-size must be positive"),
+    ("pretrain_8b.py", ["--preset", "tiny", "--ac", "some"], "--ac must be auto, none, full, selective or every-N"),
+    ("pretrain_8b.py", ["--dry-run", "--gpu-gib", "0"], "--gpu-gib must be positive"),
+    ("sft_8b.py", ["--dry-run", "--ac", "every-0"], "--ac must be auto"),
     ("sft_8b.py", ["--preset", "tiny", "--micro-batch", "0"], "--micro-batch must be positive"),
     ("sft_8b.py", ["--dry-run", "--batch-size", "0"], "--batch-size must be positive"),
     ("wikitext.py", ["--preset", "tiny", "--micro-batch", "0"], "--micro-batch must be positive"),

@@ -3,12 +3,14 @@ build and its sharded init, export, tokenizer checks, the learning-rate schedule
 arithmetic. The whole loop under torchrun is tested in test_pretrain_8b.py and test_sft_eval.py."""
 import json
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import fsdp
+import masking
 import model as model_lib
 from pretrain_8b import PretrainConfig
 
@@ -70,3 +72,96 @@ def test_plan_arithmetic_of_the_8b_run():
     assert out["gib"]["params"] == pytest.approx(4 * 8_015_581_184 / 8 / 2**30)
     out = fsdp.plan(PretrainConfig(), 8, 0.4, paper_hours=20)
     assert 0.3 < out["paper_hours_mfu"] < 1.0
+
+
+def test_the_plan_counts_every_part_and_picks_the_checkpointing():
+    """Table 4's run on 8 GPUs: FSDP's unsharded gradients and reduce buffers, the worst-t logits and a
+    fixed allowance are counted; activations per policy by hand; --ac auto picks the cheapest policy
+    that fits 90% of the card: selective on an 80 GiB H100, none on a 141 GiB H200."""
+    out = fsdp.plan(PretrainConfig(), 8, 0.4)
+    parts, totals, gib = out["gib"], out["total_gib"], 2.0 ** 30
+    d, h, V, tok, layers = 4096, 12288, 126464, 2 * 4096, 32
+    assert parts["grads"] == parts["params"] and parts["adam"] == 2 * parts["params"]
+    assert parts["logits_t1"] == pytest.approx(12 * tok * V / gib) and parts["overhead"] == 3.0
+    assert parts["reduce_buffers"] > 0 and parts["gathered"] > 0
+    fixed = sum(parts.values())
+    assert totals["none"] == pytest.approx(fixed + layers * 2 * (14 * d + 4 * h) * tok / gib)
+    assert totals["full"] == pytest.approx(fixed + (layers * 2 * d + 2 * (14 * d + 4 * h)) * tok / gib)
+    assert totals["none"] > totals["every-2"] > totals["selective"] > totals["full"]
+    assert out["evaluation_gib"] < totals["full"]      # chunked, no gradients: below any training peak
+    assert out["ac_auto"] == "selective" and totals["none"] > 0.9 * 80 > totals["selective"]
+    assert fsdp.plan(PretrainConfig(gpu_gib=141), 8, 0.4)["ac_auto"] == "none"
+    assert fsdp.choose_ac(PretrainConfig(), 8, "cpu") == "none"
+    assert fsdp.choose_ac(PretrainConfig(), 8, "cuda:0") == "selective"
+    assert fsdp.choose_ac(PretrainConfig(ac="every-4"), 8, "cuda:0") == "every-4"
+
+
+
+class FakeSlot:
+    def __init__(self, i):
+        self.gen = torch.Generator().manual_seed(i)
+
+    def data_state(self):
+        return {}
+
+
+def train_tiny(tmp_path, name, max_steps, poison_call=None):
+    """fsdp.train_loop on the tiny model over random tokens, world of one, the CE of one micro-batch
+    (call number `poison_call`) made NaN. Returns (weights after the loop, its error message or None)."""
+    from pretrain_8b import PRESETS
+    cfg = replace(PretrainConfig(**PRESETS["tiny"]), max_steps=max_steps, log_every=4, eval_every=100,
+                  save_every=100, warmup=1)
+    ids = fsdp.token_ids(fsdp.byte_tokenizer())
+    calls = []
+
+    def ce_fn(logits, targets):
+        calls.append(1)
+        ce = masking.token_ce(logits, targets)
+        return ce * float("nan") if len(calls) == poison_call else ce
+    batches = lambda step: [(torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(step * 9 + i)),
+                             None) for i in range(4)]
+    error = None
+    with world_of_one(tmp_path):
+        m, opt = fsdp.build(fsdp.model_config("tiny", ids, block_size=64), cfg, "cpu", compile_model=False, ac="none")
+        try:
+            fsdp.train_loop(cfg, m, opt, {i: FakeSlot(i) for i in range(4)}, batches, lambda: 0.0,
+                            str(tmp_path / name), "cpu", ce_fn, lambda text, **r: None,
+                            dict(step=0, history=[], seconds=0.0, changes={}))
+        except ValueError as e:
+            error = str(e)
+        weights = {n: p.full_tensor().detach().clone() for n, p in m.named_parameters()}
+    return weights, error
+
+
+def test_a_non_finite_step_never_reaches_the_weights(tmp_path):
+    """Step 4's loss is NaN (in one micro-batch of four): the fused AdamW skips the step on the device
+    (no host sync in the step), the check at step 4 stops the run in one line before any checkpoint,
+    and the weights are exactly those after step 3."""
+    after3, error = train_tiny(tmp_path, "clean", max_steps=3)
+    assert error is None
+    stopped, error = train_tiny(tmp_path, "nan", max_steps=6, poison_call=4 * 3 + 2)
+    assert "became nan by step 4" in error and "did not reach the weights" in error
+    assert all(torch.equal(stopped[n], after3[n]) for n in after3)
+    assert fsdp.checkpoints(str(tmp_path / "nan")) == []
+    # and the test can fail: without the poison, step 4 moves the weights
+    moved, _ = train_tiny(tmp_path, "four", max_steps=4)
+    assert not all(torch.equal(moved[n], after3[n]) for n in after3)
+
+
+def test_fsdp_units_as_torchtitan_shards_them(tmp_path):
+    """LLaDA's layout (untied head): the embedding is a unit of its own; the final norm and the head are
+    one unit that stays gathered from forward to backward, while the blocks reshard after their forward."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    mc = model_lib.ModelConfig(vocab_size=40, mask_id=39, block_size=16, n_layer=2, n_head=2, d_model=16,
+                               mlp_hidden=24, norm="rmsnorm", mlp="swiglu", pos="rope", bias=False,
+                               tie_weights=False)
+    with world_of_one(tmp_path):
+        m, _ = fsdp.build(mc, PretrainConfig(), "cpu", compile_model=False, ac="none")
+        t = m.transformer
+        assert isinstance(t.wte, FSDPModule) and all(isinstance(b, FSDPModule) for b in t.blocks)
+        assert t.ff_out._get_fsdp_state() is t.ln_f._get_fsdp_state()       # one unit of two modules
+        assert t.wte._get_fsdp_state() is not m._get_fsdp_state()
+        m(torch.randint(0, 39, (2, 16)))                     # forward, with gradients: backward to come
+        assert not isinstance(t.ff_out.weight, DTensor) and not isinstance(t.ln_f.weight, DTensor)
+        assert all(isinstance(p, DTensor) for p in t.blocks.parameters())

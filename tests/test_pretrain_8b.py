@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 from conftest import ROOT
 
@@ -239,3 +240,50 @@ def test_plot_runs(runs, tmp_path):
     assert (tmp_path / "fig4_heldout_nll.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         common.run_cli(lambda: pretrain_8b.main(["--plot-runs", str(tmp_path), "--out-dir", str(tmp_path)]))
+
+
+def jsonl_folder(path, n_files, per_file=7):
+    path.mkdir()
+    docs = []
+    for f in range(n_files):
+        rows = [f"document {f}-{i}: " + " ".join(["word"] * (3 + (f * 5 + i) % 11)) for i in range(per_file)]
+        (path / f"part_{f:02d}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+        docs += rows
+    return docs
+
+
+@pytest.mark.parametrize("n_files", [5, 2])
+def test_every_document_is_read_by_exactly_one_slot(tmp_path, n_files):
+    """DCLM's file count is no multiple of the slots: with 5 files and 4 slots whole files are dealt
+    out (each slot streams its own files only); with 2 files, rows are dealt out. Either way one pass
+    of every slot reads each document once, and nothing else."""
+    docs = jsonl_folder(tmp_path / "data", n_files)
+    cfg = pretrain_8b.PretrainConfig(data=str(tmp_path / "data"), tokenizer="")
+    ds = pretrain_8b.open_documents(cfg)
+    streams = [pretrain_8b.slot_stream(ds, i, 4) for i in range(4)]
+    read = [list(pretrain_8b.documents(s, cfg, "test", {})) for s in streams]
+    assert sorted(d for r in read for d in r) == sorted(docs)
+    assert all(r for r in read)
+    if n_files >= 4:      # a slot streams whole files of its own: 2 + 1 + 1 + 1 of the 5
+        assert sorted(s.num_shards for s in streams) == [1, 1, 1, 2]
+
+
+def test_a_slot_resumes_exactly_across_files_and_epochs(tmp_path):
+    """The state saved with a checkpoint (taken mid-file, several times, past the end of a pass)
+    puts a fresh slot exactly where the old one was: the same blocks follow, the same masks."""
+    jsonl_folder(tmp_path / "data", 5)
+    cfg = pretrain_8b.PretrainConfig(data=str(tmp_path / "data"), tokenizer="", block_size=16, micro_batch=2,
+                                     batch_size=8)
+    tok, ids = fsdp.byte_tokenizer(), fsdp.token_ids(fsdp.byte_tokenizer())
+    ds = pretrain_8b.open_documents(cfg)
+    make = lambda: pretrain_8b.Slot(ds, 1, 4, tok, ids["eos"], cfg, set(), "cpu", "test")
+    slot = make()
+    for n in range(40):           # slot 1 holds 2 files of ~14 blocks: two passes and more
+        state = {**slot.data_state(), "gen": slot.gen.get_state()}
+        want = slot.next_batch(2), torch.rand(3, generator=slot.gen)
+        if n % 7 == 3:
+            fresh = make()
+            fresh.load_state_dict(state)
+            got = fresh.next_batch(2), torch.rand(3, generator=fresh.gen)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), n
+    assert slot.epoch >= 2
