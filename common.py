@@ -129,11 +129,18 @@ def restore(module, state, path):
                          f"use the settings it was written with, or another --out-dir") from None
 
 
+CREATED = []     # folders prepare_out_dir made: a run refused afterwards removes them again if still empty
+
+
 def prepare_out_dir(path):
     """Create --out-dir now and prove it writable, so that a path that is a file, or lies under
     one, or cannot be written, is a one-line error before any work starts."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--out-dir {path} exists and is not a folder")
+    new = os.path.abspath(path)
+    while new != os.path.dirname(new) and not os.path.exists(new):    # folders this call creates, leaf first
+        CREATED.append(new)
+        new = os.path.dirname(new)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-test-{os.getpid()}")
@@ -249,6 +256,11 @@ def run_cli(main):
     try:
         main()
     except (ValueError, FileNotFoundError) as e:
+        for path in CREATED:              # a refused run leaves no empty --out-dir behind
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
         sys.exit(f"error: {e}" if int(os.environ.get("RANK", "0")) == 0 else 1)
     except KeyboardInterrupt:
         sys.exit("interrupted")

@@ -168,10 +168,12 @@ def test_interval_auto_centres_on_corpus_t_star(tmp_path):
 @pytest.mark.parametrize("args,msg", [(["--t0", "0.6", "--t1", "0.4"], "t0"),
                                       (["--preset", "tiny", "--data", "/nonexistent"], "not a folder"),
                                       (["--preset", "tiny", "--block-size", "999"], "block size")])
-def test_bad_input_is_one_line_error(args, msg):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "wikitext.py"), *args], capture_output=True, text=True)
+def test_bad_input_is_one_line_error(tmp_path, args, msg):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "wikitext.py"), *args], capture_output=True, text=True,
+                       cwd=tmp_path)
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:") and msg in r.stderr
+    assert os.listdir(tmp_path) == []                            # the refused run left no empty out/wikitext
 
 
 @needs_data
