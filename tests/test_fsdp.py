@@ -2,6 +2,7 @@
 build and its sharded init, export, tokenizer checks, the learning-rate schedule and the plan's
 arithmetic. The whole loop under torchrun is tested in test_pretrain_8b.py and test_sft_eval.py."""
 import json
+import threading
 import time
 from dataclasses import replace
 
@@ -165,3 +166,52 @@ def test_fsdp_units_as_torchtitan_shards_them(tmp_path):
         m(torch.randint(0, 39, (2, 16)))                     # forward, with gradients: backward to come
         assert not isinstance(t.ff_out.weight, DTensor) and not isinstance(t.ln_f.weight, DTensor)
         assert all(isinstance(p, DTensor) for p in t.blocks.parameters())
+
+
+def test_random_length_steps_leave_the_compiled_blocks_static():
+    """Issue 17.2: LLaDA's 1% random-length steps (and ragged evaluation chunks) run eagerly, so the
+    compiled blocks keep the one static graph of the full length: no recompilation, no dynamic
+    graph serving the other 99% of steps. Without eager_unless the short step would recompile."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = model_lib.ModelConfig(vocab_size=40, mask_id=39, block_size=16, n_layer=2, n_head=2, d_model=16,
+                                mlp_hidden=24, norm="rmsnorm", mlp="swiglu", pos="rope", bias=False,
+                                tie_weights=False)
+    m = model_lib.apply_ac(model_lib.Transformer(cfg), "selective", compile_blocks=True)
+    full, short = torch.randint(0, 39, (2, 16)), torch.randint(0, 39, (2, 11))
+    m(full).square().mean().backward()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        with fsdp.eager_unless(False):
+            m(short).square().mean().backward()
+        m(full).square().mean().backward()
+        with pytest.raises(RuntimeError, match="recompile"):
+            m(short)
+    torch._dynamo.reset()
+
+
+def test_prefetch_hands_over_batches_in_order_and_errors_to_the_main_thread(tmp_path):
+    """Issue 17.3: the next batch is drawn on a thread while this step computes. Each batch comes
+    with the data position right after it (what a checkpoint at that step must save), not the
+    position after the batch drawn ahead; an error on the thread is raised on the main thread."""
+    class Slot:
+        pos = 0
+
+        def data_state(self):
+            return {"pos": self.pos}
+
+    slot, drawn_ahead = Slot(), threading.Event()
+
+    def batches(step):
+        slot.pos = step + 1
+        if step == 3:
+            drawn_ahead.set()
+            raise ValueError("the data ran out")
+        return [step]
+
+    with world_of_one(tmp_path):
+        feed = fsdp.Prefetch(batches, {0: slot}, 1, 5)
+        assert feed.next() == ([1], {0: {"pos": 2}})
+        assert drawn_ahead.wait(timeout=60) and slot.pos == 4      # the thread has drawn ahead, up to the error
+        assert feed.next() == ([2], {0: {"pos": 3}})
+        with pytest.raises(ValueError, match="the data ran out"):
+            feed.next()
