@@ -691,7 +691,7 @@ def benchmark(cfg, device, compile_model, layers, steps=10, warmup=2):
     rank, world, device = setup_distributed(device)
     check_config(cfg, world)
     full = plan_model(cfg)
-    mc = replace(full.cfg, n_layer=layers or full.cfg.n_layer)
+    mc = replace(full.cfg, n_layer=min(layers or full.cfg.n_layer, full.cfg.n_layer))     # never more than the model
     ac = choose_ac(cfg, world, device)
     model, opt = build(mc, cfg, device, compile_model, ac)
     ce_fn, gen = loss_ce(compile_model), torch.Generator(device).manual_seed(rank)

@@ -187,6 +187,8 @@ def test_dry_run_prints_the_8b_plan():
 def test_benchmark_runs_on_cpu():
     r = launch(["--preset", "tiny", "--device", "cpu", "--benchmark", "--bench-steps", "2"], nproc=1)
     assert "tokens/s per GPU" in r.stdout
+    # the full run's optimizer step (8 rows = 4 micro-batches of 2 on one GPU), never more blocks than the model
+    assert "2 of 2 blocks (d_model 32) + head, 4 x 2 x 64 tokens per GPU per step, 1 GPU(s)" in r.stdout
 
 
 @pytest.mark.parametrize("case", ["batch", "empty"])
