@@ -187,6 +187,22 @@ def check_positive(**sizes):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+OPTIMIZER_RANGES = {          # the training settings a config may have: (what is allowed, test)
+    "lr": ("positive", lambda v: v > 0),
+    **{name: (">= 0", lambda v: v >= 0) for name in ("min_lr", "warmup", "weight_decay", "grad_clip", "init_std")},
+    "beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    **{name: ("in [0, 1]", lambda v: 0 <= v <= 1) for name in ("decay_frac", "random_length_prob")},
+}
+
+
+def check_optimizer(cfg):
+    """Learning rate, schedule, AdamW and clipping settings in range, as one line naming the flag,
+    before any work (AdamW's own complaint would come only after the data and model had loaded)."""
+    for name, (allowed, ok) in OPTIMIZER_RANGES.items():
+        if hasattr(cfg, name) and not ok(getattr(cfg, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(cfg, name)}")
+
+
 def read_text(path, what):
     """The UTF-8 text of a user-given file; missing, unreadable or binary is one line naming it."""
     try:

@@ -252,8 +252,7 @@ def check_config(cfg, world):
         model_lib.ac_modes(cfg.ac, 1)
     if cfg.export_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--export-dtype must be float32 or bfloat16, got {cfg.export_dtype!r}")
-    if not 0 <= getattr(cfg, "random_length_prob", 0) <= 1:
-        raise ValueError(f"--random-length-prob must lie in [0, 1], got {cfg.random_length_prob}")
+    common.check_optimizer(cfg)
 
 
 BOOKKEEPING = ("log_every", "save_every", "keep", "export_dtype", "ac", "gpu_gib", "last_save_model_only")

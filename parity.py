@@ -269,6 +269,7 @@ def check_config(cfg):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
     common.check_positive(max_steps=cfg.max_steps, eval_every=cfg.eval_every)
+    common.check_optimizer(cfg)
     if cfg.batch_size < 0 or cfg.micro_batch < 0:      # 0 means "all" for both
         raise ValueError(f"--batch-size and --micro-batch must be >= 0 (0: all), got {cfg.batch_size}, "
                          f"{cfg.micro_batch}")

@@ -195,8 +195,9 @@ def check_config(cfg, model_cfg):
         raise FileNotFoundError(f"--data {cfg.data} is not a folder")
     if cfg.tokenizer_file and not os.path.exists(cfg.tokenizer_file):
         raise FileNotFoundError(f"--tokenizer-file {cfg.tokenizer_file} does not exist")
-    if min(cfg.max_steps, cfg.eval_every, cfg.ckpt_every, cfg.log_every, cfg.eval_seqs, cfg.eval_draws) <= 0:
-        raise ValueError("steps, intervals and evaluation sizes must be positive")
+    common.check_positive(max_steps=cfg.max_steps, eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every,
+                          log_every=cfg.log_every, eval_seqs=cfg.eval_seqs, eval_draws=cfg.eval_draws)
+    common.check_optimizer(cfg)
 
 
 def setup_distributed(device):
