@@ -16,7 +16,7 @@ import torch
 
 
 def add_common_args(p, *, presets, preset, t0=0.0, t1=1.0, max_steps=None, out_dir="out",
-                    resume_help="continue from OUT_DIR/ckpt.pt",
+                    resume_help="continue from OUT_DIR/ckpt.pt (none yet: a fresh run)",
                     dry_run_help="build everything, run 2 steps, write nothing"):
     """The flags every script shares: --preset --t0 --t1 --seed --device --max-steps
     --out-dir --resume --compile --dry-run --plot."""

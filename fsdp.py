@@ -265,11 +265,12 @@ def prepare_run(out_dir, export_dir, resume, rank, device):
         if rank != 0:
             return
         common.check_fresh(out_dir, resume)
-        if export_dir and os.path.exists(export_dir):
-            if not os.path.isdir(export_dir):
-                raise ValueError(f"--export {export_dir} exists and is not a folder")
-            if os.listdir(export_dir) and not resume:
-                raise ValueError(f"--export {export_dir} holds an earlier export; choose another --export")
+        if export_dir and os.path.exists(export_dir) and not os.path.isdir(export_dir):
+            raise ValueError(f"--export {export_dir} exists and is not a folder")
+        if export_dir and os.path.isdir(export_dir) and os.listdir(export_dir) and not resume:
+            raise ValueError(f"--export {export_dir} holds an earlier export; choose another --export")
+        if resume and not checkpoints(out_dir):          # said, so that a mistyped --out-dir shows
+            print(f"--resume: no checkpoint in {out_dir} yet; starting a fresh run", flush=True)
         common.prepare_out_dir(out_dir)
     on_every_rank(check, device)
 
@@ -458,10 +459,8 @@ def summarize(cfg, history, model, world, seconds):
 
 def checkpoints(out_dir):
     """Complete checkpoints, oldest first: step_NNNNNNN folders (written as .tmp, renamed when whole)."""
-    if not os.path.isdir(out_dir):
-        return []
-    return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("step_")
-                  and not d.endswith(".tmp"))
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted(os.path.join(out_dir, d) for d in names if d.startswith("step_") and not d.endswith(".tmp"))
 
 
 PENDING = []     # the checkpoint being written: (future, tmp folder, final folder, out_dir, keep, extra)
@@ -735,7 +734,8 @@ def add_run_args(p, cls, figure, **defaults):
     """The command line pretrain_8b.py and sft_8b.py share: the common vocabulary (`defaults`: presets,
     preset, t0, t1, out_dir), one flag per field of their config dataclass `cls`, and the flags below.
     `figure`: the file --plot-runs writes."""
-    common.add_common_args(p, **defaults, resume_help="continue from the newest complete checkpoint in OUT_DIR",
+    common.add_common_args(p, **defaults, resume_help="continue from the newest complete checkpoint in OUT_DIR "
+                                                      "(none yet: a fresh run)",
                            dry_run_help="print the plan (parameters, FLOPs, memory per GPU, time) and exit")
     preset = defaults["preset"]
     common.add_config_args(p, cls, defaults["presets"][preset], f"{preset} preset")

@@ -318,6 +318,8 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
         step, train_seconds, history = ck["step"], ck["train_seconds"], ck["history"]
         if not quiet:
             print(f"resumed {ckpt_path} at step {step}")
+    elif resume and not quiet:       # said, so that a mistyped --out-dir does not pass unnoticed
+        print(f"--resume: no {ckpt_path} yet; starting a fresh run")
     if not dry_run:
         os.makedirs(out_dir, exist_ok=True)
     B = cfg.batch_size or cfg.n_train

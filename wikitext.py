@@ -284,6 +284,8 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
         common.set_rng_state(state["rng"])
         step, history = state["step"], state["history"]
         log(f"resumed {ckpt} at step {step}")
+    elif resume:                     # said, so that a mistyped --out-dir does not pass unnoticed
+        log(f"--resume: no {ckpt} yet; starting a fresh run")
     max_steps = min(cfg.max_steps, step + 2) if dry_run else cfg.max_steps
     tokens_per_step = cfg.batch_size * cfg.block_size
     peak = model_lib.device_peak_flops(device)

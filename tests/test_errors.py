@@ -237,6 +237,19 @@ def test_resume_with_other_settings_names_them_and_writes_nothing(tmp_path):
     assert summary["changed_on_resume"] == {"max_steps": [4, 6]} and summary["settings"]["max_steps"] == 6
 
 
+def test_resume_with_nothing_to_resume_says_so_and_starts_fresh(tmp_path, capsys):
+    """--resume into an --out-dir with no checkpoint (a first run under a preemptible launcher, or a
+    mistyped --out-dir) starts a fresh run, and says so, so the typo does not pass unnoticed."""
+    parity.main(PARITY + ["--out-dir", str(tmp_path / "p"), "--resume"])
+    assert f"--resume: no {tmp_path / 'p' / 'ckpt.pt'} yet; starting a fresh run" in capsys.readouterr().out
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_8b.py"),
+                        *tiny_pretrain(docs_file(tmp_path / "docs.jsonl"), tmp_path / "8b", "--resume")],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"--resume: no checkpoint in {tmp_path / '8b'} yet; starting a fresh run" in r.stdout
+    assert json.load(open(tmp_path / "8b" / "summary.json"))["steps"] == 2
+
+
 def test_8b_resume_with_another_interval_is_refused(tmp_path):
     data = docs_file(tmp_path / "docs.jsonl")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_8b.py"),
