@@ -196,8 +196,8 @@ OPTIMIZER_RANGES = {          # the training settings a config may have: (what i
 
 
 def check_optimizer(cfg):
-    """Learning rate, schedule, AdamW and clipping settings in range, as one line naming the flag,
-    before any work (AdamW's own complaint would come only after the data and model had loaded)."""
+    """Learning rate, schedule, AdamW, clipping and init-std settings in range, as one line naming
+    the flag, before any work (AdamW's own complaint would come only after the data and model had loaded)."""
     for name, (allowed, ok) in OPTIMIZER_RANGES.items():
         if hasattr(cfg, name) and not ok(getattr(cfg, name)):
             raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(cfg, name)}")
