@@ -18,21 +18,34 @@ optional dependency: pip install -r requirements-eval.txt.
 import argparse
 import hashlib
 import json
+import math
 import os
+import shutil
 import sys
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 import common
+import fsdp
 import masking
 import model as model_lib
-import fsdp
 
+try:                 # lm-eval is optional (requirements-eval.txt): without it only --benchmark runs
+    from lm_eval.api.model import LM
+except ImportError:
+    LM = None
+
+SCRIPT = "eval_8b.py"
+GATED = {"gpqa": "Idavidrein/gpqa"}        # Hub datasets behind terms of use: accept them, then log in
+RANK_WAIT = timedelta(days=2)     # how long a rank waits for the others between request types (MATH: ~5.6 h a rank)
 # LLaDA's published lm-eval settings (its eval_llada.sh): few-shot count (None: the task's own),
 # Monte Carlo draws, classifier-free guidance; generation as §F.6 fixes it (512 tokens in 512 steps).
 # `metric` is what the tables report. The EOS options of generation are the protocol's (below).
+# LLaDA's script has no line for arc_easy or mmlu_stem: theirs are extrapolated from arc_challenge's
+# and mmlu's (the same task family), not LLaDA's published settings.
 TASKS = {
     "hellaswag": dict(lm_eval="hellaswag", fewshot=0, mc_num=128, cfg=0.5, metric="acc_norm,none"),
     "arc_easy": dict(lm_eval="arc_easy", fewshot=0, mc_num=128, cfg=0.5, metric="acc_norm,none"),
@@ -68,196 +81,276 @@ LLADA_CFG = {"LLaDA Base with CFG (LLaDA's Tab. 6)": dict(mmlu=0.659, arc_challe
 
 # ----------------------------------------------------------------------------- the lm-eval model
 
-def lm_eval_class():
-    """The `LM` subclass, built on first use so that nothing else needs lm-eval installed."""
-    try:
-        from lm_eval.api.model import LM
-        from lm_eval.api.registry import register_model
-    except ImportError:
-        raise ValueError("eval_8b.py needs lm-eval: pip install -r requirements-eval.txt") from None
-    global MaskedDiffusionLM
-    if "MaskedDiffusionLM" in globals():
-        return MaskedDiffusionLM
+def require_lm_eval():
+    if LM is None:
+        raise common.UserError("eval_8b.py needs lm-eval: pip install -r requirements-eval.txt")
 
-    @register_model("masked_diffusion")
-    class MaskedDiffusionLM(LM):
-        """A masked-diffusion model as lm-eval sees it (LLaDA's eval_llada.py, on masking's bound)."""
 
-        def __init__(self, model, tok, ids, device, mc_num=128, mc_batch=32, cfg=0.0, gen_length=512, steps=512,
-                     block_length=512, batch_size=8, logits_eos_inf=False, confidence_eos_eot_inf=False,
-                     chat=False, seed=1234):
-            super().__init__()
-            self.model, self.tok, self.ids, self._device = model, tok, ids, device
-            self.mc_num, self.mc_batch, self.cfg, self.seed = mc_num, mc_batch, cfg, seed
-            self.gen = dict(gen_length=gen_length, steps=steps, block_length=block_length,
-                            logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf)
-            self.batch_size, self.chat, self.truncated = batch_size, chat, 0
-            self.eot = tok.token_to_id("<|eot_id|>")
-            ready = dist.is_available() and dist.is_initialized()
-            self._rank, self._world_size = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+class MaskedDiffusionLM(LM or object):
+    """A masked-diffusion model as lm-eval sees it (LLaDA's eval_llada.py, on masking's bound).
 
-        # -- loglikelihood
+    Under torchrun each rank scores its shard of the requests, for hours (MATH ~5.6 h a rank on 8
+    GPUs), and lm-eval meets the ranks between request types (barrier, gathers). Those meetings go
+    over a gloo group of their own that waits RANK_WAIT, not the launcher's --dist-timeout; and each
+    is preceded by the ranks' status, so that a rank that failed anywhere (agreed() below, or
+    main's evaluation) is met by every other rank: all stop with its one line, none is left waiting."""
 
-        def encode_pair(self, context, continuation):
-            """Trailing spaces of the context move to the continuation; the continuation's ids are
-            what encoding both adds to the context's (lm-eval's and LLaDA's convention)."""
-            n = len(context) - len(context.rstrip())
-            if n:
-                context, continuation = context[:-n], context[-n:] + continuation
-            ctx = self.tok.encode(context, add_special_tokens=False).ids if context else []
-            whole = self.tok.encode(context + continuation, add_special_tokens=False).ids
-            return ctx, whole[len(ctx):]
+    def __init__(self, model, tok, ids, device, mc_num=128, mc_batch=32, cfg=0.0, gen_length=512, steps=512,
+                 block_length=512, batch_size=8, logits_eos_inf=False, confidence_eos_eot_inf=False,
+                 chat=False, seed=1234, checkpoint="the model"):
+        super().__init__()
+        self.model, self.tok, self.ids, self._device = model, tok, ids, device
+        self.mc_num, self.mc_batch, self.cfg, self.seed, self.checkpoint = mc_num, mc_batch, cfg, seed, checkpoint
+        self.gen = dict(gen_length=gen_length, steps=steps, block_length=block_length,
+                        logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf)
+        self.batch_size, self.chat, self.truncated, self.cache = batch_size, chat, 0, {}
+        self.eot = tok.token_to_id("<|eot_id|>")
+        ready = dist.is_available() and dist.is_initialized()
+        self._rank, self._world_size = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+        self.group = dist.new_group(backend="gloo", timeout=RANK_WAIT) if self._world_size > 1 else None
 
-        def model_fn(self, is_prompt):
-            """Logits at the masked positions of xt; with --cfg, guided against the prompt masked too."""
-            def fn(xt):
-                masked = xt == self.model.cfg.mask_id
-                if self.cfg == 0:
-                    return self.model(xt, output_mask=masked)
-                unconditional = xt.masked_fill(is_prompt, self.model.cfg.mask_id)
-                cond, uncond = self.model(torch.cat([xt, unconditional]),
-                                          output_mask=torch.cat([masked, masked])).chunk(2)
-                return uncond + (self.cfg + 1) * (cond - uncond)
-            return fn
+    # -- every rank agrees
 
-        @torch.no_grad()
-        def log_likelihood(self, context_ids, answer_ids):
-            """log p(answer | context) ~ -|answer| x the mean of masking's per-draw bound (each draw masks
-            l of the answer's tokens, l stratified over 1..|answer|, and averages their CE): LLaDA's
-            Monte Carlo estimator. One draw for a one-token answer, where it is exact."""
-            x0 = torch.tensor(context_ids + answer_ids, device=self.device)[None]
-            answer = torch.zeros_like(x0, dtype=torch.bool)
-            answer[0, len(context_ids):] = True
-            key = hashlib.sha1(json.dumps([context_ids, answer_ids]).encode()).digest()
-            g = torch.Generator(self.device).manual_seed(self.seed + int.from_bytes(key[:6], "little"))
-            draws = 1 if len(answer_ids) == 1 else self.mc_num
-            total = 0.0
-            for start in range(0, draws, self.mc_batch):
-                n = min(self.mc_batch, draws - start)
-                _, nll = masking.elbo_terms(self.model_fn(~answer.expand(n, -1)), x0, self.model.cfg.mask_id,
-                                            n_t=n, maskable=answer, generator=g)
-                total += nll.double().sum().item()
-            return -len(answer_ids) * total / draws
+    def agreed(self, fn, *args):
+        """fn(*args) on this rank, then the ranks' status: a failure on any rank stops all of them."""
+        if self._world_size == 1:
+            return fn(*args)
+        out, failure = None, None
+        try:
+            out = fn(*args)
+        except Exception as e:
+            failure = common.failure_of(e)
+        common.agree(failure, group=self.group)
+        return out
 
-        def loglikelihood(self, requests):
-            out, block = [], self.model.cfg.block_size
-            for req in requests:
-                ctx, ans = self.encode_pair(*req.args)
-                if len(ans) >= block:
-                    raise ValueError(f"an answer of {len(ans)} tokens does not fit the model's block of {block}")
-                if len(ctx) + len(ans) > block:                     # keep the context's end, and count it
-                    ctx, self.truncated = ctx[len(ctx) + len(ans) - block:], self.truncated + 1
-                out.append((self.log_likelihood(ctx, ans), False))  # greedy check: LLaDA's default skips it
-            return out
+    def fail(self, e):
+        """A failure in lm-eval's own code on this rank, met by the others at their next status."""
+        if self._world_size > 1:
+            common.agree(common.failure_of(e), group=self.group)
 
-        def loglikelihood_rolling(self, requests):
-            raise ValueError("perplexity tasks (loglikelihood_rolling) are not among the paper's; eval_8b.py does "
-                             "not score them")
+    # -- loglikelihood
 
-        # -- generation
+    def encode_pair(self, context, continuation):
+        """Trailing spaces of the context move to the continuation; the continuation's ids are
+        what encoding both adds to the context's (lm-eval's and LLaDA's convention)."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        ctx = self.tok.encode(context, add_special_tokens=False).ids if context else []
+        whole = self.tok.encode(context + continuation, add_special_tokens=False).ids
+        return ctx, whole[len(ctx):]
 
-        def prompt_ids(self, context):
-            return self.tok.encode(context, add_special_tokens=False).ids
+    def model_fn(self, is_prompt):
+        """Logits at the masked positions of xt; with --cfg, guided against the prompt masked too."""
+        def fn(xt):
+            masked = xt == self.model.cfg.mask_id
+            if self.cfg == 0:
+                return self.model(xt, output_mask=masked)
+            unconditional = xt.masked_fill(is_prompt, self.model.cfg.mask_id)
+            cond, uncond = self.model(torch.cat([xt, unconditional]),
+                                      output_mask=torch.cat([masked, masked])).chunk(2)
+            return uncond + (self.cfg + 1) * (cond - uncond)
+        return fn
 
-        @torch.no_grad()
-        def generate_until(self, requests):
-            """Prompts in batches of batch_size (sorted by length, left-padded, with an attention mask),
-            each answer cut at EOS / end-of-turn and then at the task's first stop sequence."""
-            prompts = [self.prompt_ids(req.args[0]) for req in requests]
-            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-            out = [None] * len(requests)
-            room = self.model.cfg.block_size - self.gen["gen_length"]
-            if room <= 0:
-                raise ValueError(f"--gen-length {self.gen['gen_length']} leaves no room for a prompt in the "
-                                 f"model's block of {self.model.cfg.block_size} tokens")
-            self.truncated += sum(len(p) > room for p in prompts)
-            for b in range(0, len(order), self.batch_size):
-                idx = order[b:b + self.batch_size]
-                rows = [prompts[i][-room:] for i in idx]
-                width = max(len(r) for r in rows)
-                x = torch.full((len(rows), width), self.ids["eos"], dtype=torch.long)
-                attention = torch.zeros((len(rows), width), dtype=torch.long)
-                for j, r in enumerate(rows):
-                    x[j, width - len(r):] = torch.tensor(r)
-                    attention[j, width - len(r):] = 1
-                y = model_lib.generate(self.model, x.to(self.device), mask_id=self.model.cfg.mask_id,
-                                       attention_mask=attention.to(self.device), cfg_scale=self.cfg,
-                                       eos_id=self.ids["eos"], eot_id=self.eot, **self.gen)[:, width:]
-                for j, i in enumerate(idx):
-                    out[i] = self.cut(y[j].tolist(), requests[i].args[1].get("until") or [])
-            return out
+    @torch.no_grad()
+    def log_likelihood(self, context_ids, answer_ids):
+        """log p(answer | context) ~ -|answer| x the mean of masking's per-draw bound (each draw masks
+        l of the answer's tokens, l stratified over 1..|answer|, and averages their CE): LLaDA's
+        Monte Carlo estimator. One draw for a one-token answer, where it is exact."""
+        if len(answer_ids) == 1:
+            return self.one_token_log_probs(context_ids)[answer_ids[0]].item()
+        x0 = torch.tensor(context_ids + answer_ids, device=self.device)[None]
+        answer = torch.zeros_like(x0, dtype=torch.bool)
+        answer[0, len(context_ids):] = True
+        key = hashlib.sha1(json.dumps([context_ids, answer_ids]).encode()).digest()
+        g = torch.Generator(self.device).manual_seed(self.seed + int.from_bytes(key[:6], "little"))
+        total = 0.0
+        for start in range(0, self.mc_num, self.mc_batch):
+            n = min(self.mc_batch, self.mc_num - start)
+            _, nll = masking.elbo_terms(self.model_fn(~answer.expand(n, -1)), x0, self.model.cfg.mask_id,
+                                        n_t=n, maskable=answer, generator=g)
+            total += nll.double().sum().item()
+        return self.finite(-len(answer_ids) * total / self.mc_num)
 
-        def cut(self, ids, until):
-            """The answer as LLaDA's harness makes it: the whole generation decoded with its special
-            tokens, cut at the task's first stop sequence, then the special tokens stripped (EOS
-            padding and end-of-turn go; text the model wrote after them stays)."""
-            text = self.tok.decode(ids, skip_special_tokens=False)
-            for s in [until] if isinstance(until, str) else until:
-                if s and s in text:
-                    text = text.split(s)[0]
-            return self.tok.decode(self.tok.encode(text, add_special_tokens=False).ids, skip_special_tokens=True)
+    def one_token_log_probs(self, context_ids):
+        """log p(token | context) for every token at once: a one-token answer's only mask is the
+        position after the context whatever the answer is, so one forward scores every choice
+        (MMLU's A/B/C/D: one forward a question instead of four). Cached per context."""
+        key = tuple(context_ids)
+        if key not in self.cache:
+            xt = torch.tensor(context_ids + [self.model.cfg.mask_id], device=self.device)[None]
+            is_prompt = torch.zeros_like(xt, dtype=torch.bool)
+            is_prompt[0, :-1] = True
+            logits = self.model_fn(is_prompt)(xt)[0].double()
+            if not torch.isfinite(logits).all():
+                self.finite(math.nan)
+            self.cache = {key: torch.log_softmax(logits, -1).cpu()}       # requests come grouped by context
+        return self.cache[key]
 
-        def apply_chat_template(self, chat_history, add_generation_prompt=True):
-            """LLaDA's chat template (its tokenizer_config.json), as text."""
-            text = "<|startoftext|>" + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
-                                               f"{m['content'].strip()}<|eot_id|>" for m in chat_history)
-            return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+    def finite(self, value):
+        if not math.isfinite(value):
+            raise common.UserError(f"{self.checkpoint} gives a non-finite log-likelihood ({value}): its weights hold "
+                                   f"NaN or inf, or overflow in {self.model.transformer.wte.weight.dtype}; nothing "
+                                   f"is scored from it")
+        return value
 
-        @property
-        def tokenizer_name(self):
-            return "llada"
+    def loglikelihood(self, requests):
+        return self.agreed(self._loglikelihood, requests)
 
-        # -- data parallelism (lm-eval calls these when world_size > 1)
+    def _loglikelihood(self, requests):
+        out, block = [], self.model.cfg.block_size
+        for req in requests:
+            ctx, ans = self.encode_pair(*req.args)
+            if len(ans) >= block:
+                raise common.UserError(f"an answer of {len(ans)} tokens does not fit the model's block of {block}")
+            if len(ctx) + len(ans) > block:                     # keep the context's end, and count it
+                ctx, self.truncated = ctx[len(ctx) + len(ans) - block:], self.truncated + 1
+            out.append((self.log_likelihood(ctx, ans), False))  # greedy check: LLaDA's default skips it
+        return out
 
-        def all_gather(self, tensor):
-            parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
-            dist.all_gather(parts, tensor)
-            return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+    def loglikelihood_rolling(self, requests):
+        return self.agreed(self._refuse_rolling)
 
-        def gather_object(self, obj, dst=0):
-            parts = [None] * self.world_size if self.rank == dst else None
-            dist.gather_object(obj, parts, dst=dst)
-            return parts
+    def _refuse_rolling(self):
+        raise common.UserError("perplexity tasks (loglikelihood_rolling) are not among the paper's; eval_8b.py does "
+                               "not score them")
 
-        def barrier(self):
-            dist.barrier()
+    # -- generation
 
-    return MaskedDiffusionLM
+    def prompt_ids(self, context):
+        return self.tok.encode(context, add_special_tokens=False).ids
+
+    def generate_until(self, requests):
+        return self.agreed(self._generate_until, requests)
+
+    @torch.no_grad()
+    def _generate_until(self, requests):
+        """Prompts in batches of batch_size (sorted by length, left-padded, with an attention mask),
+        each answer cut at EOS / end-of-turn and then at the task's first stop sequence."""
+        prompts = [self.prompt_ids(req.args[0]) for req in requests]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        out = [None] * len(requests)
+        room = self.model.cfg.block_size - self.gen["gen_length"]
+        if room <= 0:
+            raise common.UserError(f"--gen-length {self.gen['gen_length']} leaves no room for a prompt in the "
+                                   f"model's block of {self.model.cfg.block_size} tokens")
+        self.truncated += sum(len(p) > room for p in prompts)
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            rows = [prompts[i][-room:] for i in idx]
+            width = max(len(r) for r in rows)
+            x = torch.full((len(rows), width), self.ids["eos"], dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                x[j, width - len(r):] = torch.tensor(r)
+                attention[j, width - len(r):] = 1
+            y = model_lib.generate(self.model, x.to(self.device), mask_id=self.model.cfg.mask_id,
+                                   attention_mask=attention.to(self.device), cfg_scale=self.cfg,
+                                   eos_id=self.ids["eos"], eot_id=self.eot, **self.gen)[:, width:]
+            for j, i in enumerate(idx):
+                out[i] = self.cut(y[j].tolist(), requests[i].args[1].get("until") or [])
+        return out
+
+    def cut(self, ids, until):
+        """The answer as LLaDA's harness makes it: the whole generation decoded with its special
+        tokens, cut at the task's first stop sequence, then the special tokens stripped (EOS
+        padding and end-of-turn go; text the model wrote after them stays)."""
+        text = self.tok.decode(ids, skip_special_tokens=False)
+        for s in [until] if isinstance(until, str) else until:
+            if s and s in text:
+                text = text.split(s)[0]
+        return self.tok.decode(self.tok.encode(text, add_special_tokens=False).ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):
+        """LLaDA's chat template (its tokenizer_config.json), as text."""
+        text = "<|startoftext|>" + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+                                           f"{m['content'].strip()}<|eot_id|>" for m in chat_history)
+        return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+    @property
+    def tokenizer_name(self):
+        return "llada"
+
+    # -- data parallelism (lm-eval calls these when world_size > 1): status first, then the collective
+
+    def all_gather(self, tensor):
+        common.agree(None, group=self.group)
+        cpu = tensor.detach().cpu()
+        parts = [torch.zeros_like(cpu) for _ in range(self.world_size)]
+        dist.all_gather(parts, cpu, group=self.group)
+        return (torch.stack(parts) if cpu.dim() == 0 else torch.cat(parts)).to(tensor.device)
+
+    def gather_object(self, obj, dst=0):
+        common.agree(None, group=self.group)
+        parts = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, parts, dst=dst, group=self.group)
+        return parts
+
+    def barrier(self):
+        common.agree(None, group=self.group)
+        dist.barrier(group=self.group)
 
 
 def load_model(checkpoint, device, dtype):
-    """A LLaDA-format folder (or Hub id) as a plain (unsharded) model on `device`, with its tokenizer."""
-    folder = model_lib.checkpoint_folder(checkpoint, "--checkpoint")
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no config.json in {folder}")
-    with open(path) as f:
-        mc = model_lib.config_from_json(json.load(f))
+    """A LLaDA-format folder (or Hub id) as a plain (unsharded) model on `device`, with its tokenizer:
+    its config.json checked field by field, its weights floating point and finite, its MASK id no
+    real token; each a one-line error naming the file."""
+    with common.user_input():
+        folder = model_lib.checkpoint_folder(checkpoint, "--checkpoint")
+    mc = fsdp.read_model_config(folder, "--checkpoint")
     with torch.device("meta"):
         m = model_lib.Transformer(mc)
-    model_lib.load_safetensors(m, folder)
+    with common.user_input():
+        model_lib.load_safetensors(m, folder)
     tok = fsdp.load_tokenizer(folder)
     ids = fsdp.token_ids(tok, mc)
-    return m.to(device=device, dtype=dtype).eval(), tok, ids
+    try:
+        masking.check_mask_id(mc.mask_id, ids["vocab"], mc.vocab_size, ids["special"])
+    except ValueError as e:
+        raise common.UserError(f"{os.path.join(folder, 'config.json')}: mask_token_id: {e}") from None
+    m = m.to(device=device, dtype=dtype).eval()
+    bad = next((name for name, p in m.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad:
+        raise common.UserError(f"--checkpoint {checkpoint}: {bad} holds NaN or inf; nothing is scored from it")
+    return m, tok, ids
+
+
+def checkpoint_id(checkpoint):
+    """What identifies a checkpoint's content cheaply (its files' names, sizes and modification
+    times): a task scored from it is reused by --resume only for the same weights."""
+    folder = checkpoint if os.path.isdir(checkpoint) else None
+    if folder is None:
+        return checkpoint
+    files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json")))
+    return hashlib.sha1(json.dumps([(f, os.path.getsize(os.path.join(folder, f)),
+                                     os.stat(os.path.join(folder, f)).st_mtime_ns) for f in files]).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- tasks over local files
 
-def local_tasks(data_dir, out_dir):
+LOCAL_NAMES = dict(arc_easy="arc_easy_local", arc_challenge="arc_challenge_local", hellaswag="hellaswag_local",
+                   gsm8k="gsm8k_local", math="minerva_math_local", gpqa="gpqa_main_n_shot_local", mmlu="mmlu_local",
+                   mmlu_stem="mmlu_stem_local")
+
+
+def local_task_names():
+    return dict(LOCAL_NAMES)
+
+
+def local_tasks(data_dir, folder):
     """lm-eval task definitions over the local copies in `data_dir` (the layout of shared/data/evals),
-    written as YAML into OUT_DIR/tasks for lm-eval's include_path. Each includes lm-eval's own task
-    (its prompt, few-shot sampler and scoring) and overrides only where the data come from.
-    Returns {our name: local lm-eval task name}."""
+    written as YAML into `folder` (OUT_DIR/tasks) for lm-eval's include_path. Each includes lm-eval's
+    own task (its prompt, few-shot sampler and scoring) and overrides only where the data come from.
+    Returns {our task name: a function writing its YAML}; LOCAL_NAMES are the tasks' lm-eval names."""
     import yaml
     from lm_eval import tasks as lm_tasks
     builtin = os.path.dirname(lm_tasks.__file__)
-    folder = os.path.join(out_dir, "tasks")
     os.makedirs(folder, exist_ok=True)
 
     def need(*parts):
         path = os.path.join(data_dir, *parts)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"--data-dir {data_dir} lacks {os.path.join(*parts)}")
+            raise common.UserError(f"--data-dir {data_dir} lacks {os.path.join(*parts)}")
         check_task_file(path)
         return os.path.abspath(path)
 
@@ -294,35 +387,52 @@ def local_tasks(data_dir, out_dir):
         "mmlu": lambda: mmlu_tasks(builtin, need("mmlu", "test"), need("mmlu", "dev"), write),
     }
     makers["mmlu_stem"] = makers["mmlu"]
-    names = dict(arc_easy="arc_easy_local", arc_challenge="arc_challenge_local", hellaswag="hellaswag_local",
-                 gsm8k="gsm8k_local", math="minerva_math_local", gpqa="gpqa_main_n_shot_local", mmlu="mmlu_local",
-                 mmlu_stem="mmlu_stem_local")
-    return makers, names, folder
+    return makers, LOCAL_NAMES
 
 
 def check_task_file(path):
     """A local task file that is empty or cut short is one line here, not a score from fewer items
-    (or a traceback inside lm-eval): every jsonl line parses, every csv row has its header's width."""
+    (or a traceback inside lm-eval): every jsonl line parses, every csv row has its header's width,
+    every ARC item has choices and an answerKey among their labels."""
     import csv
     if os.path.isdir(path):
         return
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.endswith(".jsonl"):
-            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-            for n, line in lines:
-                try:
-                    json.loads(line)
-                except ValueError:
-                    raise ValueError(f"{path}: line {n} is not JSON (truncated?)") from None
-        else:
-            rows = list(csv.reader(f))
-            lines = rows[1:]                                # after the header
-            bad = next((n for n, r in enumerate(rows, 1) if len(r) != len(rows[0])), None)
-            if bad:
-                raise ValueError(f"{path}: row {bad} has {len(rows[bad - 1])} fields, the first {len(rows[0])} "
-                                 f"(truncated?)")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise common.UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    if path.endswith(".jsonl"):
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        for n, line in lines:
+            try:
+                item = json.loads(line)
+            except ValueError:
+                raise common.UserError(f"{path}: line {n} is not JSON (truncated?)") from None
+            if isinstance(item, dict) and "answerKey" in item:
+                check_arc_item(item, path, n)
+    else:
+        rows = list(csv.reader(text.splitlines()))
+        lines = rows[1:]                                # after the header
+        bad = next((n for n, r in enumerate(rows, 1) if len(r) != len(rows[0])), None)
+        if bad:
+            raise common.UserError(f"{path}: row {bad} has {len(rows[bad - 1])} fields, the first {len(rows[0])} "
+                                   f"(truncated?)")
     if not lines:
-        raise ValueError(f"{path} holds no items")
+        raise common.UserError(f"{path} holds no items")
+
+
+def check_arc_item(item, path, n):
+    """An ARC question (allenai/ai2_arc's schema) that lm-eval could score: choices with text and labels
+    of one length, and its answerKey among the labels (else lm-eval's doc_to_target fails, or worse)."""
+    choices = item.get("choices")
+    texts, labels = (choices.get("text"), choices.get("label")) if isinstance(choices, dict) else (None, None)
+    if not (isinstance(texts, list) and isinstance(labels, list) and texts and len(texts) == len(labels)):
+        raise common.UserError(f"{path}: line {n} ({item.get('id', '?')}) has no choices (text and label lists of "
+                               f"one length)")
+    if item["answerKey"] not in labels:
+        raise common.UserError(f"{path}: line {n} ({item.get('id', '?')}) has answerKey {item['answerKey']!r}, not "
+                               f"among its labels {labels}")
 
 
 def mmlu_tasks(builtin, test_dir, dev_dir, write):
@@ -342,7 +452,7 @@ def mmlu_tasks(builtin, test_dir, dev_dir, write):
         test, dev = os.path.join(test_dir, f"{subject}_test.csv"), os.path.join(dev_dir, f"{subject}_dev.csv")
         for path in (test, dev):
             if not os.path.exists(path):
-                raise FileNotFoundError(f"--data-dir lacks mmlu/{os.path.basename(os.path.dirname(path))}/"
+                raise common.UserError(f"--data-dir lacks mmlu/{os.path.basename(os.path.dirname(path))}/"
                                         f"{os.path.basename(path)}")
             check_task_file(path)
         write(f"mmlu_{subject}_local", dict(
@@ -368,69 +478,183 @@ def check_output_type(manager, name):
         return                     # a group: its tasks are ours, multiple-choice
     kind = entry.cfg.get("output_type")        # the task's YAML, its includes resolved
     if kind in ("loglikelihood", "loglikelihood_rolling"):
-        raise ValueError(f"task {name} is scored from {kind} requests (is_greedy / perplexity), which eval_8b.py "
-                         f"does not compute")
+        raise common.UserError(f"task {name} is scored from {kind} requests (is_greedy / perplexity), which "
+                               f"eval_8b.py does not compute")
 
 
-def evaluate(lm, tasks, a, out_dir):
-    """Each task through lm_eval.simple_evaluate with its own settings; returns ({task: metrics},
-    {task: lm-eval's raw output}), written by the caller only once every task has a score."""
-    import lm_eval
+def task_manager(tasks, a, out_dir):
+    """lm-eval's TaskManager and {our task: lm-eval's name}: the Hub tasks, or local ones over --data-dir
+    (their YAMLs written by rank 0 alone; the other ranks read them after the agreement)."""
     from lm_eval.tasks import TaskManager
-    names, manager = {t: TASKS[t]["lm_eval"] for t in tasks}, None
-    if a.data_dir:
-        makers, local_names, folder = local_tasks(a.data_dir, out_dir)
-        for t in tasks:
-            makers[t]()
-            names[t] = local_names[t]
-        manager = TaskManager(include_path=folder)
-    manager = manager or TaskManager()
+    names = {t: TASKS[t]["lm_eval"] for t in tasks}
+    if not a.data_dir:
+        return TaskManager(), names
+    folder = os.path.join(out_dir, "tasks")
+
+    def write():
+        if dist.get_rank() == 0:
+            makers, local_names = local_tasks(a.data_dir, folder)
+            for t in tasks:
+                makers[t]()
+        return local_task_names()
+    local = common.on_every_rank(write)
+    return TaskManager(include_path=folder), {t: local[t] for t in tasks}
+
+
+def load_task_data(manager, tasks, names, world, limit):
+    """Every task's data loaded (downloaded, when from the Hub) before anything is scored, so that a
+    gated or missing dataset is one line before hours of work, not after them; and every task holds
+    an item for every rank (lm-eval gives a rank without items no requests, and then fails)."""
     for t in tasks:
         check_output_type(manager, names[t])
-    protocol = PROTOCOLS[a.protocol]
-    lm.chat = protocol["chat"]
+        try:
+            loaded = manager.load([names[t]])
+        except Exception as e:
+            text = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            if "gated" in text.lower() or t in GATED and ("401" in text or "auth" in text.lower()):
+                raise common.UserError(f"{t}: its dataset {GATED.get(t, '')} is gated on the Hub: accept its terms on "
+                                       f"huggingface.co, then `huggingface-cli login` (or set HF_TOKEN)") from None
+            raise common.UserError(f"{t}: lm-eval could not load its data ({type(e).__name__}: {text}); offline, "
+                                   f"pass --data-dir with local copies") from None
+        for name, task in loaded["tasks"].items():
+            n = len(task.eval_docs) if limit is None else min(limit, len(task.eval_docs))
+            if n < world:
+                raise common.UserError(f"{t}: {name} has {n} items to score on {world} ranks; every rank needs one "
+                                       f"(a larger --limit, or fewer processes)")
+
+
+def task_settings(t, a, names, ckpt):
+    """What a task's score depends on: --resume reuses a result only when all of it is the same."""
+    s, protocol = TASKS[t], PROTOCOLS[a.protocol]
+    return dict(checkpoint=ckpt, lm_eval_task=names[t], protocol=a.protocol,
+                num_fewshot=s["fewshot"] if a.num_fewshot is None else a.num_fewshot,
+                cfg=s["cfg"] if a.cfg is None else a.cfg, mc_num=s.get("mc_num", 128) if a.mc_num is None else a.mc_num,
+                mc_batch=a.mc_batch, limit=a.limit, seed=a.seed, gen_length=a.gen_length, steps=a.steps,
+                block_length=a.block_length, data_dir=os.path.abspath(a.data_dir) if a.data_dir else None,
+                **{f: protocol[f] if getattr(a, f) is None else getattr(a, f)
+                   for f in ("logits_eos_inf", "confidence_eos_eot_inf")})
+
+
+def score_task(lm, manager, t, name, settings):
+    """One task through lm_eval.simple_evaluate with its settings. Returns (result, lm-eval's raw
+    output) on rank 0, (None, None) elsewhere."""
+    import lm_eval
+    lm.cfg, lm.mc_num, lm.chat = settings["cfg"], settings["mc_num"], PROTOCOLS[settings["protocol"]]["chat"]
+    for flag in ("logits_eos_inf", "confidence_eos_eot_inf"):
+        lm.gen[flag] = settings[flag]
+    start, lm.truncated = time.time(), 0
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=[name], num_fewshot=settings["num_fewshot"],
+                                      limit=settings["limit"], task_manager=manager, log_samples=False,
+                                      apply_chat_template=lm.chat, fewshot_as_multiturn=lm.chat, random_seed=1234,
+                                      numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
+    except Exception as e:                  # lm-eval's own code failed on this rank: the others must hear of it
+        lm.fail(e)
+        raise
+    common.agree(None, group=lm.group)      # ... or they on theirs
+    if out is None:
+        return None, None
+    raw = json.loads(json.dumps(dict(results=out["results"], configs=out.get("configs"), versions=out.get("versions"),
+                                     n_samples=out.get("n-samples"), group_subtasks=out.get("group_subtasks")),
+                                default=str))
+    return make_result(t, name, raw, settings, round(time.time() - start, 1), lm.truncated), raw
+
+
+def items_scored(raw, name):
+    """How many items lm-eval scored for a task or a group (its leaf tasks summed)."""
+    subtasks = (raw.get("group_subtasks") or {}).get(name)
+    if subtasks:
+        return sum(items_scored(raw, s) for s in subtasks)
+    return ((raw.get("n_samples") or {}).get(name) or {}).get("effective", 0)
+
+
+def make_result(t, name, raw, settings, seconds, truncated):
+    metric = TASKS[t]["metric"]
+    metrics = raw["results"].get(name, {})
+    items = items_scored(raw, name)
+    if not items or metrics.get(metric) is None:
+        raise common.UserError(f"{t}: lm-eval scored {items} items for {metric}; nothing written")
+    return dict(settings, metric=metric, value=metrics[metric], items=items, seconds=seconds,
+                contexts_cut_to_fit=truncated, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def derived_stem(results, raws, settings, names):
+    """MMLU-STEM from the MMLU run's own STEM group (the same items, the same settings): its subjects
+    are not scored twice."""
+    mmlu = results.get("mmlu")
+    same = mmlu is not None and {k: v for k, v in mmlu.items() if k in settings and k != "lm_eval_task"} == \
+        {k: v for k, v in settings.items() if k != "lm_eval_task"}
+    if not same or names["mmlu_stem"] not in raws["mmlu"]["results"]:
+        return None
+    return dict(make_result("mmlu_stem", names["mmlu_stem"], raws["mmlu"], settings, 0.0, 0),
+                derived_from="mmlu")
+
+
+def result_path(out_dir, t):
+    return os.path.join(out_dir, "results", f"{t}.json")
+
+
+def earlier_result(out_dir, t, settings):
+    """A task scored by an earlier (interrupted) evaluation into this --out-dir: its result when
+    scored with these very settings and checkpoint, else None; other settings are refused."""
+    path = result_path(out_dir, t)
+    if not os.path.exists(path):
+        return None
+    saved = common.read_json(path, "an earlier result")
+    if saved.get("settings") != settings:
+        differ = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
+        raise common.UserError(f"--resume: {path} was scored with other settings or weights ({', '.join(differ)}); "
+                               f"choose another --out-dir")
+    return saved
+
+
+def evaluate(lm, tasks, a, out_dir, resume):
+    """Each task in turn; a task's result (and lm-eval's raw output) is written as soon as it is
+    scored, whole (write, then rename), so hours of scoring survive a later failure; with --resume,
+    tasks already scored with the same settings and checkpoint are not scored again. Returns
+    ({task: result}, {task: raw}) on rank 0."""
+    manager, names = task_manager(tasks, a, out_dir)
+    common.on_every_rank(load_task_data, manager, tasks, names, lm.world_size, a.limit)
+    ckpt = checkpoint_id(a.checkpoint)
     results, raws = {}, {}
     for t in tasks:
-        s = TASKS[t]
-        lm.cfg = s["cfg"] if a.cfg is None else a.cfg
-        lm.mc_num = s.get("mc_num", 128) if a.mc_num is None else a.mc_num
-        for flag in ("logits_eos_inf", "confidence_eos_eot_inf"):
-            lm.gen[flag] = protocol[flag] if getattr(a, flag) is None else getattr(a, flag)
-        fewshot = s["fewshot"] if a.num_fewshot is None else a.num_fewshot
-        start, lm.truncated = time.time(), 0
-        out = lm_eval.simple_evaluate(model=lm, tasks=[names[t]], num_fewshot=fewshot, limit=a.limit,
-                                      task_manager=manager, log_samples=False, apply_chat_template=lm.chat,
-                                      fewshot_as_multiturn=lm.chat, random_seed=1234, numpy_random_seed=1234,
-                                      torch_random_seed=1234, fewshot_random_seed=1234)
-        if out is None:          # not rank 0
-            continue
-        metrics = out["results"][names[t]]
-        counted = out.get("n-samples", {}).get(names[t], {}).get("effective")
-        if counted == 0 or metrics.get(s["metric"]) is None:
-            raise ValueError(f"{t}: lm-eval scored {counted} items for {s['metric']}; nothing written")
-        results[t] = dict(lm_eval_task=names[t], protocol=a.protocol, num_fewshot=fewshot, cfg=lm.cfg, mc_num=lm.mc_num,
-                          seconds=round(time.time() - start, 1), contexts_cut_to_fit=lm.truncated,
-                          metric=s["metric"], value=metrics.get(s["metric"]),
-                          metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                          **{k: lm.gen[k] for k in ("logits_eos_inf", "confidence_eos_eot_inf")})
-        raw = dict(results=out["results"], configs=out.get("configs"), versions=out.get("versions"),
-                   n_samples=out.get("n-samples"))
-        raws[t] = json.loads(json.dumps(raw, default=str))
-        print(f"{t}: {s['metric']} = {metrics.get(s['metric'])}" + (
-            f" ({lm.truncated} contexts cut to fit the model's block of {lm.model.cfg.block_size})"
-            if lm.truncated else ""), flush=True)
+        settings = task_settings(t, a, names, ckpt)
+        saved = common.on_every_rank(lambda: earlier_result(out_dir, t, settings) if resume else None)
+        if saved is None and t == "mmlu_stem" and dist.get_rank() == 0:
+            derived = derived_stem(results, raws, settings, names)
+            saved = derived and dict(settings=settings, result=derived, raw=raws["mmlu"])
+        saved = common.broadcast(saved)
+        if saved is not None:
+            result, raw = saved["result"], saved["raw"]
+            print_result(t, result, "derived from mmlu" if result.get("derived_from") else "scored earlier")
+        else:
+            result, raw = score_task(lm, manager, t, names[t], settings)
+            if dist.get_rank() == 0:
+                print_result(t, result, None)
+        if dist.get_rank() == 0:
+            os.makedirs(os.path.dirname(result_path(out_dir, t)), exist_ok=True)
+            common.write_json(result_path(out_dir, t), dict(settings=settings, result=result, raw=raw))
+            results[t], raws[t] = result, raw
     return results, raws
 
 
-def markdown(results, table, checkpoint, limit):
+def print_result(t, r, note):
+    if dist.get_rank() != 0:
+        return
+    cut = f"; {r['contexts_cut_to_fit']} contexts cut to fit the model's block" if r["contexts_cut_to_fit"] else ""
+    print(f"{t}: {r['metric']} = {r['value']:.4f} over {r['items']} items" + (f" ({note})" if note else "") + cut,
+          flush=True)
+
+
+def markdown(results, table, checkpoint):
     """results.md: our numbers beside the paper's rows of the table (paper numbers are the paper's)."""
     tasks = list(results)
     rows = {f"paper: {label}": values for label, values in PAPER.get(table, {}).items()}
     if table == 2 and any(results[t]["cfg"] > 0 for t in tasks):     # the guided row beside guided scores
         rows.update(LLADA_CFG)
     protocol = results[tasks[0]]["protocol"] if tasks else "base"
-    lines = [f"Checkpoint `{checkpoint}`, LLaDA's {protocol} protocol" + (f", first {limit} items per task" if limit
-                                                                         else "") + ".", "",
+    lines = [f"Checkpoint `{checkpoint}`, LLaDA's {protocol} protocol; items scored: "
+             + ", ".join(f"{t} {results[t]['items']:,}" for t in tasks) + ".", "",
              "| | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|",
              "| **ours** | " + " | ".join(f"{results[t]['value']:.3f}" if results[t]["value"] is not None else "—"
                                          for t in tasks) + " |"]
@@ -496,9 +720,12 @@ def parse_args(argv):
                    help="generation: EOS / end-of-turn logits -inf before the confidence softmax, as LLaDA "
                         "(default: the protocol's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (%(default)s)")
-    p.add_argument("--out-dir", default="out/eval", help="lm-eval JSON per task, results.md, summary.json "
-                                                          "(%(default)s)")
+    p.add_argument("--out-dir", default=None, help="results/<task>.json (each written when scored), results.md, "
+                                                   "summary.json (default: out/eval/<checkpoint>_<tasks>_<protocol>)")
+    p.add_argument("--resume", action="store_true", help="continue an evaluation into its --out-dir: tasks scored "
+                                                         "already, with the same settings and weights, are kept")
     p.add_argument("--seed", type=int, default=1234, help="seed of the likelihood draws and sampling (%(default)s)")
+    common.add_dist_args(p)
     p.add_argument("--benchmark", action="store_true", help="tokens/s of generate on a random model of --preset")
     p.add_argument("--preset", default="tiny", choices=sorted(model_lib.PRESETS), help="--benchmark model (%(default)s)")
     p.add_argument("--prompt-length", type=int, default=64, help="--benchmark prompt tokens (%(default)s)")
@@ -512,9 +739,40 @@ def check_args(a):
                           block_length=a.block_length, prompt_length=a.prompt_length,
                           **{name: getattr(a, name) for name in ("mc_num", "limit") if getattr(a, name) is not None})
     if a.cfg is not None and a.cfg < 0:
-        raise ValueError(f"--cfg must be >= 0 (0: no guidance), got {a.cfg}")
+        raise common.UserError(f"--cfg must be >= 0 (0: no guidance), got {a.cfg}")
     if a.num_fewshot is not None and a.num_fewshot < 0:
-        raise ValueError(f"--num-fewshot must be >= 0, got {a.num_fewshot}")
+        raise common.UserError(f"--num-fewshot must be >= 0, got {a.num_fewshot}")
+    common.check_seed(a.seed)
+    if a.gen_length % a.block_length or a.steps % (a.gen_length // a.block_length):
+        raise common.UserError("--gen-length must be a multiple of --block-length, and --steps of the number of "
+                               "blocks")
+
+
+def chosen_tasks(a):
+    tasks = TABLES[a.table] if a.table else [t.strip() for t in (a.tasks or "").split(",") if t.strip()]
+    if not tasks:
+        raise common.UserError("give --table 1|2|3 or --tasks")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise common.UserError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    if len(set(tasks)) < len(tasks):
+        raise common.UserError(f"--tasks names a task twice: {a.tasks}")
+    if a.data_dir and not os.path.isdir(a.data_dir):
+        raise common.UserError(f"--data-dir {a.data_dir} is not a folder")
+    return tasks
+
+
+def default_out_dir(a):
+    """out/eval/<checkpoint's folder>_<table or tasks>: each checkpoint's scores in a folder of their own."""
+    name = os.path.basename(os.path.normpath(a.checkpoint)) or "checkpoint"
+    if name == "export":                        # out/pt_u01/export -> pt_u01
+        name = os.path.basename(os.path.dirname(os.path.normpath(a.checkpoint))) or name
+    what = f"table{a.table}" if a.table else "-".join(chosen_tasks(a))
+    return os.path.join("out", "eval", common.run_name(name.replace("/", "_"), what, a.protocol))
+
+
+RUN_SETTINGS = ("checkpoint", "table", "tasks", "data_dir", "limit", "num_fewshot", "mc_num", "mc_batch", "cfg",
+                "gen_length", "steps", "block_length", "protocol", "logits_eos_inf", "confidence_eos_eot_inf", "seed")
 
 
 def main(argv=None):
@@ -522,37 +780,94 @@ def main(argv=None):
     check_args(a)
     device = common.pick_device(a.device)
     if a.benchmark:
-        return benchmark(a, device)
-    tasks = TABLES[a.table] if a.table else [t.strip() for t in (a.tasks or "").split(",") if t.strip()]
-    if not tasks:
-        raise ValueError("give --table 1|2|3 or --tasks")
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
-    if a.data_dir and not os.path.isdir(a.data_dir):
-        raise FileNotFoundError(f"--data-dir {a.data_dir} is not a folder")
-    if a.gen_length % a.block_length or a.steps % (a.gen_length // a.block_length):
-        raise ValueError("--gen-length must be a multiple of --block-length, and --steps of the number of blocks")
-    LM = lm_eval_class()
-    rank, world, device = fsdp.setup_distributed(device)
+        out = benchmark(a, device)
+        bench_dir = a.out_dir or os.path.join("out", "eval", f"benchmark_{a.preset}")
+        common.prepare_out_dir(bench_dir)
+        common.write_json(os.path.join(bench_dir, "benchmark.json"), dict(
+            device=torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu", preset=a.preset,
+            prompt_length=a.prompt_length, gen_length=a.gen_length, steps=a.steps, block_length=a.block_length,
+            batches={str(b): v for b, v in out.items()}))
+        return out
+    tasks = chosen_tasks(a)
+    require_lm_eval()
+    out_dir = a.out_dir or default_out_dir(a)
+    settings = {k: getattr(a, k) for k in RUN_SETTINGS}
+    rank, world, device = common.setup_distributed(device, a.dist_timeout, backend="gloo")   # no NCCL: no shards
     try:
-        fsdp.on_every_rank(lambda: common.prepare_out_dir(a.out_dir) if rank == 0 else None, device)
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        m, tok, ids = fsdp.on_every_rank(load_model, device, a.checkpoint, device, dtype)
-        lm = LM(m, tok, ids, device, mc_batch=a.mc_batch, gen_length=a.gen_length, steps=a.steps,
-                block_length=a.block_length, batch_size=a.batch_size, seed=a.seed)
-        results, raws = evaluate(lm, tasks, a, a.out_dir)
-        if rank == 0:        # only now, every task scored; each file written whole, summary.json last
-            files = [f"lm_eval_{t}.json" for t in raws]
-            for t, name in zip(raws, files):
-                common.write_json(os.path.join(a.out_dir, name), raws[t])
-            common.write_text(os.path.join(a.out_dir, "results.md"), markdown(results, a.table, a.checkpoint, a.limit))
-            common.write_json(os.path.join(a.out_dir, "summary.json"),
-                              dict(checkpoint=a.checkpoint, table=a.table, limit=a.limit, world_size=world,
-                                   settings=vars(a), results=results, files=files + ["results.md"]))
-            print(f"wrote {a.out_dir}/summary.json, results.md, {', '.join(files)}")
+        if a.limit is not None and a.limit < world:
+            raise common.UserError(f"--limit {a.limit} is below the {world} ranks: every rank needs an item of each "
+                                   f"task")
+        state = claim(out_dir, settings, a.resume, rank)
+        if state == "done":
+            if rank == 0:
+                print(common.already_done(out_dir))
+            return
+        run(a, tasks, out_dir, settings, device, world)
     finally:
-        fsdp.teardown()
+        common.release_locks()
+        common.teardown()
+
+
+def claim(out_dir, settings, resume, rank):
+    """The --out-dir rules of every script (common.claim_out_dir), decided by rank 0: a fresh
+    evaluation never writes into an earlier run's folder; --resume continues this script's own."""
+    def decide():
+        if rank != 0:
+            return None
+        state = common.claim_out_dir(out_dir, SCRIPT, settings, resume=resume,
+                                     has_checkpoint=os.path.isdir(os.path.join(out_dir, "results")))
+        if state != "done":
+            common.prepare_out_dir(out_dir)
+            common.lock_out_dir(out_dir)
+            common.mark_run(out_dir, SCRIPT, settings)
+        return state
+    return common.broadcast(common.on_every_rank(decide))
+
+
+def run(a, tasks, out_dir, settings, device, world):
+    """Load, score every task (each written when scored), then results.md and summary.json (last)."""
+    rank = dist.get_rank()
+    fresh = rank == 0 and not os.path.isdir(os.path.join(out_dir, "results"))
+    try:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        m, tok, ids = common.on_every_rank(load_model, a.checkpoint, device, dtype)
+        if a.protocol == "instruct" or a.confidence_eos_eot_inf:    # the chat template; generation stops at EoT
+            common.on_every_rank(instruct_tokens, tok)
+        lm = MaskedDiffusionLM(m, tok, ids, device, mc_batch=a.mc_batch, gen_length=a.gen_length, steps=a.steps,
+                               block_length=a.block_length, batch_size=a.batch_size, seed=a.seed,
+                               checkpoint=a.checkpoint)
+        results, raws = evaluate(lm, tasks, a, out_dir, a.resume)
+    except BaseException:
+        if fresh:
+            remove_unscored(out_dir)
+        raise
+    if rank == 0:
+        files = [os.path.relpath(result_path(out_dir, t), out_dir) for t in tasks]
+        common.write_text(os.path.join(out_dir, "results.md"), markdown(results, a.table, a.checkpoint))
+        common.write_json(os.path.join(out_dir, "summary.json"),
+                          dict(script=SCRIPT, settings=settings, checkpoint=a.checkpoint, table=a.table, limit=a.limit,
+                               world_size=world, results=results, files=files + ["results.md"]))
+        print(f"wrote {out_dir}/summary.json, results.md, {', '.join(files)}")
+
+
+def remove_unscored(out_dir):
+    """An evaluation that failed before scoring anything leaves no half-made folder (task YAMLs alone)."""
+    results = os.path.join(out_dir, "results")
+    if os.path.isdir(results) and os.listdir(results):
+        return
+    for name in ("results", "tasks"):
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    for name in (common.RUN_FILE,):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
+def instruct_tokens(tok):
+    """The instruct protocol writes LLaDA's chat template and stops generation at <|eot_id|>."""
+    try:
+        fsdp.chat_tokens(tok)
+    except common.UserError as e:
+        raise common.UserError(f"--protocol instruct / --confidence-eos-eot-inf: {e}") from None
 
 
 if __name__ == "__main__":

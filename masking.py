@@ -4,12 +4,23 @@ The masked-diffusion (MD) objective, in one file you can copy.
 Training (paper §3.3, §5):
     t  ~ U[t0, t1]                    mask ratio per sequence     (Def. 3.4)
     xt = x0 with each token -> MASK   independently, prob. t      (Def. 3.4)
-    loss = (1/t) * sum_{masked i} CE(model(xt)_i, x0_i) / L       (§5, LLaDA Eq. 3)
+    loss = (1/t) * sum_{masked i} CE(model(xt)_i, x0_i) / L       (§5's objective, unnumbered; LLaDA's Eq. 3)
+
+The 1/t cross-entropy is §5's objective. The division by the sequence length L (and, for SFT, by
+the answer's length) is not in the paper: it is LLaDA's recipe (its GUIDELINES.md), which keeps
+the loss per token whatever L. (Def. 3.6 / Eq. (1) is the squared loss of the parity theory, with
+weight 1/(2t): md_mse_loss.)
 
 The standard recipe is t ~ U[0, 1]; the paper's point is that a narrower,
 signal-rich window (e.g. U[0.45, 0.55] for language, U[0, 0.246] for (20,6)
 parity) trains better. Whatever window a model trains on, it is *evaluated* with
 t over the full [0, 1] (`elbo_nll`), so runs on different windows compare.
+
+Departures, stated: dllm (the framework the paper pre-trained with, §5.2.1) draws t in
+[1e-3, 1) and normalises by the batch's token count; here t is drawn on [t0, t1] as given and
+masks with that raw t, and only the 1/t weight is floored (EPS); the loss is normalised per
+sequence (LLaDA). `md_step_loss(stratified=True)` (wikitext.py) tiles a batch's t with one
+offset instead of drawing each independently as Def. 3.4 does.
 """
 
 import torch
@@ -35,8 +46,9 @@ def check_mask_id(mask_id, tokenizer_vocab, model_vocab, special=()):
     past the tokenizer's, or one of its special tokens (`special`: ids text cannot encode to,
     as LLaDA's <|mdm_mask|> = 126336)."""
     if 0 <= mask_id < tokenizer_vocab and mask_id not in special:
-        raise ValueError(f"mask id {mask_id} is a real token of the tokenizer (vocab {tokenizer_vocab}); "
-                         f"pick an id >= {tokenizer_vocab}")
+        raise ValueError(f"mask id {mask_id} is a real token of the tokenizer (vocab {tokenizer_vocab}): MASK must "
+                         f"be an id no text encodes to (a special token such as <|mdm_mask|>, or one >= "
+                         f"{tokenizer_vocab})")
     if not 0 <= mask_id < model_vocab:
         raise ValueError(f"mask id {mask_id} is outside the model's vocabulary of {model_vocab}")
 
@@ -44,10 +56,11 @@ def check_mask_id(mask_id, tokenizer_vocab, model_vocab, special=()):
 def sample_t(n, t0=0.0, t1=1.0, *, stratified=False, generator=None, device=None):
     """n mask ratios, uniform on [t0, t1] (Def. 3.4). t0 == t1 is a point mass.
 
-    stratified=True is MDLM's low-discrepancy draw: one shared random offset u and
-    t_i = t0 + (t1 - t0) * ((u + i/n) mod 1), so the n values tile [t0, t1] evenly
-    (spacing (t1 - t0)/n) while each one is still marginally uniform. It lowers
-    the variance of the batch loss at no cost.
+    stratified=True: one shared random offset u and t_i = t0 + (t1 - t0) * ((u + i/n) mod 1),
+    so the n values tile [t0, t1] evenly (spacing (t1 - t0)/n) while each one is still
+    marginally uniform (LLaDA's shared-offset draw; MDLM instead jitters each stratum on its
+    own). It lowers the variance of the batch loss at no cost, but the t of a batch are then
+    not independent, as Def. 3.4's are.
     """
     check_interval(t0, t1)
     if stratified:
@@ -81,13 +94,13 @@ def token_ce(logits, targets):
 
 
 def md_loss(logits, x0, masked, t, *, maskable=None, reduction="mean", ce_fn=token_ce):
-    """The MD loss (§5; LLaDA Eq. 3 for pre-training, Eq. 5 for SFT):
+    """The MD loss (§5's objective; LLaDA's Eq. 3 for pre-training, its Eq. 5 for SFT):
 
         (1/B) sum_b (1/t_b) sum_i masked[b,i] * CE(logits[b,i], x0[b,i]) / L_b
 
     L_b = number of maskable positions of row b (the full length when maskable is
-    None): dividing by it gives LLaDA's pre-training loss (sum over b*L) and its
-    SFT loss (each answer normalised by its own length).
+    None): this normalisation is LLaDA's GUIDELINES.md recipe, not the paper's (§5 sums
+    over positions): per token for pre-training, each answer by its own length for SFT.
 
     logits: (B, L, V), or (n_masked, V) already taken at the masked positions in
     row-major order (what `Transformer(..., output_mask=masked)` returns).
@@ -96,17 +109,29 @@ def md_loss(logits, x0, masked, t, *, maskable=None, reduction="mean", ce_fn=tok
     """
     B, L = x0.shape
     if logits.dim() == 3:
-        logits = logits[masked]
-    ce = ce_fn(logits, x0[masked])
+        logits = logits[masked]                      # (B, L, V) -> (n_masked, V), row-major
+    ce = ce_fn(logits, x0[masked])                   # (n_masked,)
     n_valid = maskable.sum(1) if maskable is not None else torch.full_like(t, L)
-    row_weight = 1.0 / (t.clamp_min(EPS) * n_valid.clamp_min(1))    # Eq. (1): 1/t weight
-    row = masked.nonzero()[:, 0]
-    rows = torch.zeros(B, device=ce.device).index_add_(0, row, ce * row_weight[row])
+    row_weight = 1.0 / (t.clamp_min(EPS) * n_valid.clamp_min(1))    # §5: 1/t; LLaDA: 1/L_b
+    row = masked.nonzero()[:, 0]                     # the row of each masked token
+    rows = torch.zeros(B, device=ce.device).index_add_(0, row, ce * row_weight[row])      # (B,)
     return rows.mean() if reduction == "mean" else rows
 
 
+def md_step_loss(model, x0, mask_id, t0, t1, *, generator=None, stratified=False, maskable=None,
+                 masked_head=True, ce_fn=token_ce):
+    """One draw of the MD objective on a batch x0 (B, L), the step every training script takes:
+    t ~ U[t0, t1] per sequence (Def. 3.4; stratified: see sample_t), the masks (SFT: only where
+    `maskable`), the model (its output head at the masked positions only, when masked_head), the
+    loss. Returns (loss, masked)."""
+    t = sample_t(len(x0), t0, t1, stratified=stratified, generator=generator, device=x0.device)   # (B,)
+    xt, masked = mask_tokens(x0, t, mask_id, maskable=maskable, generator=generator)             # (B, L)
+    logits = model(xt, output_mask=masked) if masked_head else model(xt)
+    return md_loss(logits, x0, masked, t, maskable=maskable, ce_fn=ce_fn), masked
+
+
 def md_mse_loss(pred, x0, masked, t, *, reduction="mean"):
-    """The paper's squared-loss objective, Def. 3.6 / Eq. (1), on +-1 targets:
+    """The paper's squared-loss objective, Def. 3.6 / Eq. (1) (weight 1/(2t)), on +-1 targets:
 
         (1/B) sum_b 1/(2 t_b) sum_{i masked} (pred[b,i] - x0[b,i])^2
 

@@ -39,6 +39,10 @@ class ModelConfig:
     init_std: float = 0.02        # GPT-2's init scale
 
     def __post_init__(self):
+        sizes = ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "mlp_hidden")
+        for name in sizes:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "pos": ("learned", "rope")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -70,6 +74,14 @@ PRESETS = {
                                d_model=1024, mlp_hidden=2816, norm="rmsnorm", mlp="swiglu", pos="rope",
                                rope_theta=500000.0, bias=False, tie_weights=False),
 }
+
+
+PARAM_SEED_STRIDE = 100_003     # parameter i of a model seeded s draws from generator s * stride + i
+
+
+def param_generator(seed, index, device):
+    """The generator of parameter `index` of a model initialised with `seed`."""
+    return torch.Generator(device).manual_seed(seed * PARAM_SEED_STRIDE + index)
 
 
 def get_config(preset, **overrides):
@@ -133,13 +145,15 @@ class Block(nn.Module):
     def attention(self, x, pos=None, keys=None):
         B, L, d = x.shape
         H = self.cfg.n_head
+        # (B, L, d) -> (B, H, L, d/H): one head per slice
         q, k, v = (proj(x).view(B, L, H, d // H).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if self.cfg.pos == "rope":
             q, k = rope(q, self.cfg.rope_theta, pos), rope(k, self.cfg.rope_theta, pos)
         drop = self.cfg.dropout if self.training else 0.0
-        mask = None if keys is None else keys[:, None, None, :]        # padding keys are never attended to
+        mask = None if keys is None else keys[:, None, None, :]        # (B, 1, 1, L): padding keys never attended to
+        # bidirectional: every position attends to every (unpadded) position; (B, H, L, d/H)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=False)
-        return self.attn_out(y.transpose(1, 2).reshape(B, L, d))
+        return self.attn_out(y.transpose(1, 2).reshape(B, L, d))     # heads joined again: (B, L, d)
 
     def mlp(self, x):
         if self.cfg.mlp == "swiglu":
@@ -169,26 +183,26 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed=None):
-        """GPT-2 init: N(0, init_std = 0.02); residual projections scaled by 1/sqrt(2 * n_layer).
-
-        seed=None draws from the global RNG. With a seed, every parameter is drawn whole
-        from its own generator (seed, index) and then cut to this rank's FSDP shard, so a
-        model built on `meta` and sharded over any number of GPUs gets the same weights
-        as an unsharded one; only one parameter is ever held whole (DTensor's own random
-        ops give world-size-dependent values on CPU meshes)."""
+        """GPT-2 init (init_param_) of every parameter. seed=None draws from the global RNG; with a
+        seed, every parameter has a generator of its own (param_generator), so no draw depends on
+        another parameter's and a sharded model can be given exactly these weights
+        (fsdp.init_sharded draws each parameter whole and keeps its shard)."""
         for i, (name, p) in enumerate(self.named_parameters()):
-            g = None if seed is None else torch.Generator(p.device).manual_seed(seed * 100_003 + i)
-            full = p if seed is None else torch.empty(p.shape, dtype=p.dtype, device=p.device)
-            if name.endswith(("attn_out.weight", "ff_out.weight")) and ".blocks." in name:
-                nn.init.normal_(full, std=self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer), generator=g)
-            elif p.dim() >= 2:
-                nn.init.normal_(full, std=self.cfg.init_std, generator=g)
-            elif name.endswith("bias"):
-                nn.init.zeros_(full)
-            else:
-                nn.init.ones_(full)                                  # norm scales
-            if seed is not None:
-                p.copy_(shard_like(full, p))
+            self.init_param_(name, p, None if seed is None else param_generator(seed, i, p.device))
+
+    @torch.no_grad()
+    def init_param_(self, name, p, generator=None):
+        """The init of one parameter, in place: N(0, init_std) for matrices and embeddings, the
+        residual projections (attn_out, ff_out of a block) scaled by 1/sqrt(2 * n_layer) (GPT-2),
+        biases 0, norm scales 1."""
+        if name.endswith(("attn_out.weight", "ff_out.weight")) and ".blocks." in name:
+            nn.init.normal_(p, std=self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer), generator=generator)
+        elif p.dim() >= 2:
+            nn.init.normal_(p, std=self.cfg.init_std, generator=generator)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:
+            nn.init.ones_(p)
 
     def forward(self, idx, output_mask=None, attention_mask=None):
         """idx (B, L) token ids -> logits (B, L, V).
@@ -214,10 +228,10 @@ class Transformer(nn.Module):
             x = x + self.transformer.wpe(torch.arange(L, device=idx.device) if pos is None else pos)
         for block in self.transformer.blocks:
             x = block(x, pos, keys)
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x)                 # (B, L, d)
         if output_mask is not None:
-            x = x[output_mask]
-        return self.transformer.ff_out(x)
+            x = x[output_mask]                           # (n_true, d), row-major
+        return self.transformer.ff_out(x)                # (B, L, V) or (n_true, V)
 
     # ---- what a training script needs from a model --------------------------------
 
@@ -270,79 +284,6 @@ def estimate_mfu(flops_per_token, tokens_per_sec, peak_flops):
     return None if not peak_flops else flops_per_token * tokens_per_sec / peak_flops
 
 
-def shard_like(full, p):
-    """`full` cut the way the (possibly FSDP-sharded DTensor) parameter p is, without communication."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    if isinstance(p, DTensor):
-        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
-    return full
-
-
-AC_POLICIES = ("none", "full", "selective", "every-N")
-
-
-def ac_modes(policy, n_layer):
-    """Per block: None (keep every activation), "full" (keep the block's input, recompute the
-    block in backward) or "selective" (keep matmul and attention outputs, recompute the cheap
-    ops between them). "every-N" is full on blocks 0, N, 2N, ... (torchtitan's policies)."""
-    if policy in ("none", "full", "selective"):
-        return [None if policy == "none" else policy] * n_layer
-    n = policy.removeprefix("every-")
-    if not (policy.startswith("every-") and n.isdigit() and int(n) >= 1):
-        raise ValueError(f"--ac must be auto, none, full, selective or every-N (N >= 1), got {policy!r}")
-    return ["full" if i % int(n) == 0 else None for i in range(n_layer)]
-
-
-def _save_matmuls(ctx, op, *args, **kwargs):
-    """Selective checkpointing: what costs FLOPs is kept, the elementwise ops are recomputed."""
-    from torch.utils.checkpoint import CheckpointPolicy
-    keep = op in _SAVED_OPS
-    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-_SAVED_OPS = {getattr(torch.ops.aten, name).default for name in (
-    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
-    if hasattr(torch.ops.aten, name)}
-
-
-def apply_ac(model, policy, compile_blocks=False):
-    """Activation checkpointing by policy, then (optionally) torch.compile, block by block, in
-    torchtitan's order: the checkpointed forward is what is compiled, so recomputation happens
-    inside the compiled region, and FSDP's hooks (on the module call) stay outside it. Names
-    of parameters do not change (no wrapper module), so checkpoints and exports are unaffected."""
-    from functools import partial
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-    for block, mode in zip(model.transformer.blocks, ac_modes(policy, model.cfg.n_layer)):
-        forward = block.forward
-        if mode is not None:
-            context = partial(create_selective_checkpoint_contexts, _save_matmuls) if mode == "selective" else None
-            forward = partial(checkpoint, forward, use_reentrant=False,
-                              **({"context_fn": context} if context else {}))
-        if compile_blocks:
-            forward = torch.compile(forward, fullgraph=True)
-        block.forward = forward
-    return model
-
-
-def apply_fsdp(model, mixed_precision=True):
-    """FSDP2 units as torchtitan shards them: the token embedding, every block, then the final
-    norm and head together (kept gathered from forward to backward: they are needed again at
-    once), and the root for what is left. mixed_precision: bf16 compute, fp32 gradient reduction."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
-    kwargs = {"mp_policy": mp} if mp is not None else {}
-    t = model.transformer
-    if not model.cfg.tie_weights:          # a tied head shares the embedding's unit
-        fully_shard(t.wte, **kwargs)
-    for block in t.blocks:
-        fully_shard(block, **kwargs)
-    if not model.cfg.tie_weights:
-        fully_shard([t.ln_f, t.ff_out], reshard_after_forward=False, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
-
-
 # ---- LLaDA's Hugging Face safetensors format ------------------------------------------
 
 def looks_local(name):
@@ -371,15 +312,22 @@ def checkpoint_folder(path_or_id, flag="checkpoint"):
                          f"downloaded ({type(e).__name__}); offline, pass a local LLaDA-format folder") from None
 
 
+FLOAT_DTYPES = ("F32", "BF16", "F16")        # safetensors' names of the dtypes a checkpoint may hold
+
+
 def safetensors_index(path_or_id):
     """{key without "model.": (file, stored key, shape)} of a (sharded) safetensors checkpoint,
-    read from the headers only: tensors are loaded one at a time, when needed."""
+    read from the headers only: tensors are loaded one at a time, when needed. Weights that are
+    not floating point (an int8-quantised export, say) are refused here, not after loading."""
     from safetensors import safe_open
     folder = checkpoint_folder(path_or_id)
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map)") from None
     elif os.path.exists(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -392,26 +340,26 @@ def safetensors_index(path_or_id):
         try:
             with safe_open(path, framework="pt") as f:
                 for k in f.keys():
-                    out[k.removeprefix("model.")] = (path, k, tuple(f.get_slice(k).get_shape()))
+                    tensor = f.get_slice(k)
+                    out[k.removeprefix("model.")] = (path, k, tuple(tensor.get_shape()), tensor.get_dtype())
         except Exception as e:            # truncated or not safetensors: the user's file
             raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
+    wrong = sorted((k, e[3]) for k, e in out.items() if e[3] not in FLOAT_DTYPES)
+    if wrong:
+        raise ValueError(f"{folder} holds {len(wrong)} tensors that are not float32/bfloat16/float16 (first: "
+                         f"{wrong[0][0]}, {wrong[0][1]}): a quantised checkpoint, which this model does not load")
     return out
 
 
 def read_tensor(entry):
     from safetensors import safe_open
-    path, key, _ = entry
+    path, key = entry[:2]
     with safe_open(path, framework="pt") as f:
         return f.get_tensor(key)
 
 
-@torch.no_grad()
-def load_safetensors(model, path_or_id):
-    """Load a LLaDA-format checkpoint into `model`, checking every key and shape first. A model
-    built on the meta device takes the checkpoint's tensors as they are; a materialised one,
-    FSDP-sharded included, copies them in, one tensor at a time and only this rank's shard."""
-    index = safetensors_index(path_or_id)
-    expected = model.state_dict()
+def check_fit(index, expected, path_or_id):
+    """Every key of the model in the checkpoint, with its shape, and nothing else."""
     missing = sorted(expected.keys() - index.keys())
     unexpected = sorted(index.keys() - expected.keys())
     wrong = [f"{k} {index[k][2]} vs {tuple(expected[k].shape)}"
@@ -420,13 +368,23 @@ def load_safetensors(model, path_or_id):
         parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if v]
         raise ValueError(f"checkpoint {path_or_id} does not fit the model: " + "; ".join(parts))
+
+
+@torch.no_grad()
+def load_safetensors(model, path_or_id):
+    """Load a LLaDA-format checkpoint into `model` (unsharded), checking every key and shape first.
+    A model built on the meta device takes the checkpoint's tensors as they are; a materialised one
+    copies them in, one tensor at a time. (An FSDP-sharded model: fsdp.load_sharded.)"""
+    index = safetensors_index(path_or_id)
+    expected = model.state_dict()
+    check_fit(index, expected, path_or_id)
     if any(p.is_meta for p in model.parameters()):
         model.load_state_dict({k: read_tensor(index[k]) for k in expected}, assign=True)
         if model.cfg.tie_weights:
             model.transformer.ff_out.weight = model.transformer.wte.weight
     else:
         for k, p in expected.items():
-            p.copy_(shard_like(read_tensor(index[k]).to(device=p.device, dtype=p.dtype), p))
+            p.copy_(read_tensor(index[k]).to(device=p.device, dtype=p.dtype))
     return model
 
 
@@ -477,19 +435,35 @@ def config_to_json(cfg, **token_ids):
     return {**out, **token_ids}
 
 
+JSON_TYPES = {"vocab_size": int, "mask_id": int, "block_size": int, "n_layer": int, "n_head": int, "d_model": int,
+              "mlp_hidden": int, "rope_theta": (int, float), "norm_eps": (int, float), "bias": bool,
+              "tie_weights": bool}
+
+
 def config_from_json(d):
-    """ModelConfig from a config.json dict written by config_to_json or shipped with LLaDA."""
+    """ModelConfig from a config.json dict written by config_to_json or shipped with LLaDA. Every
+    field is checked (type and range), so a file that is valid JSON but not a model's config is
+    refused here rather than deep inside the model."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config.json holds a JSON {type(d).__name__}, not an object")
     try:
         if d.get("n_kv_heads", d["n_heads"]) != d["n_heads"]:
             raise ValueError(f"grouped-query attention (n_kv_heads {d['n_kv_heads']}) is not supported")
         values = {ours: d[llada] for ours, llada in LLADA_JSON_NAMES.items() if llada in d}
         values["vocab_size"] = d.get("embedding_size") or d["vocab_size"]
-        values.update(norm="rmsnorm" if d.get("layer_norm_type", "rms") == "rms" else "layernorm",
-                      mlp="swiglu" if d.get("activation_type", "silu") == "silu" else "gelu",
-                      pos="rope" if d.get("rope", True) else "learned")
-        return ModelConfig(**values)
     except KeyError as e:
         raise ValueError(f"config.json lacks {e.args[0]!r}") from None
+    for name, value in values.items():
+        kind = JSON_TYPES[name]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise ValueError(f"config.json's {LLADA_JSON_NAMES.get(name, name)} is {value!r}, not "
+                             f"{'an integer' if kind is int else 'true/false' if kind is bool else 'a number'}")
+        if kind is not bool and not (value > 0 or (name == "mask_id" and value == 0)):
+            raise ValueError(f"config.json's {LLADA_JSON_NAMES.get(name, name)} is {value!r}; it must be positive")
+    values.update(norm="rmsnorm" if d.get("layer_norm_type", "rms") == "rms" else "layernorm",
+                  mlp="swiglu" if d.get("activation_type", "silu") == "silu" else "gelu",
+                  pos="rope" if d.get("rope", True) else "learned")
+    return ModelConfig(**values)
 
 
 # ---- LLaDA's reverse process (sampler) ------------------------------------------------
@@ -512,8 +486,9 @@ def generate(model, prompt, *, mask_id, gen_length=128, steps=128, block_length=
     tokens, and the most confident (or random) predictions are kept while the
     rest stay masked ("low-confidence remasking").
 
-    temperature: 0 is greedy; > 0 samples with Gumbel noise in float64 (in low
-    precision the Gumbel-max trick degrades, LLaDA §B.3). cfg_scale > 0 adds
+    temperature: 0 is greedy; > 0 samples with Gumbel noise in float64 (low-precision
+    Gumbel-max lowers perplexity but hurts generation quality: arXiv:2409.02908, the source
+    LLaDA's generate.py cites for its float64). cfg_scale > 0 adds
     classifier-free guidance against the prompt-masked input.
     attention_mask (B x P, 1 = token): left-padded prompts of unequal length; each
     row then gives the tokens it gives alone (the model ignores padding keys and

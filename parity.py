@@ -138,7 +138,11 @@ def to_tokens(rows):
 class ParityMLP(nn.Module):
     """§4.1 reduced model: with uniform attention every position outputs the same
     f(z) = v^T relu(W z), where z = sum_j e_{3j + b_j} is the one-hot embedding of
-    (value b_j in {-1, +1, MASK}, position j) summed over the sequence (Def. 3.5)."""
+    (value b_j in {-1, +1, MASK}, position j) summed over the sequence (Def. 3.5).
+
+    Layouts: this model indexes (value, position) position-major, 3j + b; Def. 3.5 writes it
+    value-major, e_{n' b + j}, as joint_ids (the transformer's joint embedding) does. The two are
+    one permutation of the same one-hot coordinates: the same model up to relabelling W's columns."""
 
     def __init__(self, n_pos, hidden, init_std=0.0):
         super().__init__()
@@ -155,19 +159,23 @@ class ParityMLP(nn.Module):
 
 
 def joint_ids(tokens):
-    """Def. 3.5 for the transformer: one token id per (value, position)."""
+    """Def. 3.5 for the transformer: one token id per (value, position), value-major (n' b + j)."""
     return tokens * tokens.shape[1] + torch.arange(tokens.shape[1], device=tokens.device)
+
+
+def transformer_config(cfg):
+    """The §4.5 transformer: model.py's "parity" preset at the run's sizes (ModelConfig checks them)."""
+    n_pos = cfg.n + 1
+    vocab = 3 * n_pos if cfg.embed == "joint" else 3
+    return model_lib.get_config("parity", vocab_size=vocab, mask_id=vocab - 1, block_size=n_pos,
+                                n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head,
+                                mlp_hidden=cfg.mlp_hidden, tie_weights=cfg.tie_head, init_std=cfg.init_std or 0.02)
 
 
 def build_model(cfg):
     if cfg.model == "mlp":
         return ParityMLP(cfg.n + 1, cfg.hidden, cfg.init_std)
-    n_pos = cfg.n + 1
-    vocab = 3 * n_pos if cfg.embed == "joint" else 3
-    mc = model_lib.get_config("parity", vocab_size=vocab, mask_id=vocab - 1, block_size=n_pos,
-                              n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head,
-                              mlp_hidden=cfg.mlp_hidden, tie_weights=cfg.tie_head, init_std=cfg.init_std or 0.02)
-    return model_lib.Transformer(mc)
+    return model_lib.Transformer(transformer_config(cfg))
 
 
 def predict(model, cfg, tokens):
@@ -196,7 +204,8 @@ def as_logits(out):
 
 
 def md_rows(out, cfg, x0, masked, t):
-    """Eq. (1) per row (its mean is the MD loss), so the batch can be split by regime."""
+    """The MD loss per row (its mean is the loss: §5's cross-entropy, or Def. 3.6's squared loss,
+    Eq. (1)), so the batch can be split by regime."""
     if uses_ce(cfg):
         return masking.md_loss(as_logits(out), x0, masked, t, reduction="none")
     return masking.md_mse_loss(out, x0 * 2 - 1, masked, t, reduction="none")
@@ -220,10 +229,11 @@ def regime_stats(rows, out, masked, S_prime, cfg):
     """Thm 4.3 made visible: the batch loss split into its signal-regime part
     (|M n S'| = 1) and noise-regime part (they sum to the loss), the empirical
     signal fraction (-> P_S), and the mean squared output on masked positions of
-    noise-regime inputs, which the implicit regulariser pushes towards 0."""
-    signal = masked[:, S_prime].sum(1) == 1
+    noise-regime inputs, which the implicit regulariser pushes towards 0.
+    rows (B,) per-row losses, out the model's outputs, masked (B, n+1)."""
+    signal = masked[:, S_prime].sum(1) == 1                     # (B,): exactly one masked position of S'
     B = len(rows)
-    noise_out = margin(out)[masked & ~signal[:, None]].float()
+    noise_out = margin(out)[masked & ~signal[:, None]].float()  # outputs at masked positions of noise rows
     return dict(loss_signal=(rows[signal].sum() / B).item(), loss_noise=(rows[~signal].sum() / B).item(),
                 signal_frac=signal.float().mean().item(),
                 noise_out2=noise_out.square().mean().item() if len(noise_out) else float("nan"))
@@ -254,29 +264,41 @@ def bit_embedding_cos(model, cfg):
 
 # ----------------------------------------------------------------------------- training
 
+SCRIPT = "parity.py"
+MASK_SEED_OFFSET = 1        # the masks and batches of a run seeded s draw from generator s + 1 (the data: s)
+MAX_N = 62                  # inputs are drawn as integers below 2^n (int64)
+
+
 def check_config(cfg):
     """Every user-caused mistake as one line, before any work starts."""
     if not 1 <= cfg.k <= cfg.n:
-        raise ValueError(f"need 1 <= k <= n, got n={cfg.n}, k={cfg.k}")
+        raise common.UserError(f"need 1 <= k <= n, got n={cfg.n}, k={cfg.k}")
+    if cfg.n > MAX_N:
+        raise common.UserError(f"--n {cfg.n}: inputs are drawn as integers below 2^n; n must be at most {MAX_N}")
     if cfg.n_train <= 0 or cfg.n_val <= 0:
-        raise ValueError(f"need N > 0 and n_val > 0, got N={cfg.n_train}, n_val={cfg.n_val}")
+        raise common.UserError(f"need N > 0 and n_val > 0, got N={cfg.n_train}, n_val={cfg.n_val}")
     if cfg.n <= 24 and cfg.n_train + cfg.n_val > 2 ** cfg.n:
-        raise ValueError(f"N + n_val = {cfg.n_train + cfg.n_val} exceeds the 2^{cfg.n} distinct inputs")
-    masking.check_interval(cfg.t0, cfg.t1)
+        raise common.UserError(f"N + n_val = {cfg.n_train + cfg.n_val} exceeds the 2^{cfg.n} distinct inputs")
+    common.check_interval(cfg.t0, cfg.t1, trains=cfg.objective == "md")
     choices = dict(objective=("md", "label"), model=("mlp", "transformer"), embed=("additive", "joint"),
                    loss=("auto", "ce", "mse"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+            raise common.UserError(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
     common.check_positive(max_steps=cfg.max_steps, eval_every=cfg.eval_every)
     common.check_optimizer(cfg)
     if cfg.batch_size < 0 or cfg.micro_batch < 0:      # 0 means "all" for both
-        raise ValueError(f"--batch-size and --micro-batch must be >= 0 (0: all), got {cfg.batch_size}, "
-                         f"{cfg.micro_batch}")
-
-
-def lr_at(step, cfg):
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        raise common.UserError(f"--batch-size and --micro-batch must be >= 0 (0: all), got {cfg.batch_size}, "
+                               f"{cfg.micro_batch}")
+    common.check_nonnegative(threads=cfg.threads)
+    if not cfg.stop_acc > 0.5:
+        raise common.UserError(f"--stop-acc must be above chance (0.5; > 1: never stop early), got {cfg.stop_acc}")
+    if cfg.model == "mlp":
+        common.check_positive(hidden=cfg.hidden)
+    else:
+        common.check_positive(n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head, mlp_hidden=cfg.mlp_hidden)
+        with common.user_input():
+            transformer_config(cfg)
 
 
 def describe(cfg):
@@ -284,109 +306,175 @@ def describe(cfg):
     return f"{what} ({cfg.model}, (n,k)=({cfg.n},{cfg.k}), N={cfg.n_train}, seed {cfg.seed})"
 
 
+def default_out_dir(cfg):
+    """out/parity/<objective>[_U<t0>-<t1>]_n<n>k<k>_<model>_s<seed>: the README's commands each write
+    a folder of their own, so they run one after another."""
+    interval = common.interval_name(cfg.t0, cfg.t1) if cfg.objective == "md" else None
+    return os.path.join("out", "parity", common.run_name(cfg.objective, interval, f"n{cfg.n}k{cfg.k}", cfg.model,
+                                                         f"s{cfg.seed}"))
+
+
 def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=False, quiet=False, allow_change=()):
-    """One run. Writes out_dir/{ckpt.pt, history.json, summary.json, curves.png}; returns the summary."""
+    """One run. Writes out_dir/{run.json, ckpt.pt, history.json, summary.json}; returns (summary,
+    history), those of the finished run already there when out_dir holds this very run ("done")."""
     check_config(cfg)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if not dry_run:
-        common.check_fresh(out_dir, resume)
+        state = common.claim_out_dir(out_dir, SCRIPT, asdict(cfg), resume=resume, has_checkpoint=os.path.exists(
+            ckpt_path), ignore=("threads",))
+        if state == "done":
+            return finished_run(out_dir)
+        common.prepare_out_dir(out_dir)
+        lock = common.lock_out_dir(out_dir)
+    try:
+        return run_training(cfg, out_dir, device, resume, compile, dry_run, quiet, allow_change, ckpt_path)
+    finally:
+        if not dry_run:
+            common.release_locks(lock)
+
+
+def run_training(cfg, out_dir, device, resume, compile, dry_run, quiet, allow_change, ckpt_path):
+    """train()'s work once the folder is claimed: build, resume, the loop, the summary."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     common.set_seed(cfg.seed)
+    run = build_run(cfg, device, compile)
+    if resume and not dry_run and os.path.exists(ckpt_path):
+        resume_run(run, cfg, ckpt_path, allow_change, quiet)
+    if not dry_run:
+        common.mark_run(out_dir, SCRIPT, asdict(cfg))
+        common.LAST_CHECKPOINT_NOTE = lambda: f"the last complete checkpoint is {ckpt_path}" + \
+            (f" (step {run['saved']})" if run["saved"] else " (none yet)")
+    max_steps = 2 if dry_run else cfg.max_steps
+    progress = common.Progress(max_steps, start=run["step"])
+    if not quiet:
+        print(f"{describe(cfg)}: S = {run['S'].tolist()}, P_S = {run['P_S']:.4f}, "
+              f"{sum(p.numel() for p in run['model'].parameters()):,} parameters, batch {run['B']}, {max_steps} steps "
+              f"on {device}")
+    while run["step"] < max_steps:
+        t_start = time.time()
+        loss, parts = train_step(run, cfg, device)
+        run["step"] += 1
+        run["seconds"] += time.time() - t_start
+        if run["step"] % cfg.eval_every == 0 or run["step"] == max_steps:
+            rec = evaluation(run, cfg, loss, parts)
+            if not quiet:
+                print(log_line(rec, run["P_S"], cfg) + f" | {progress.eta(run['step'])}", flush=True)
+            if not dry_run:
+                save(run, cfg, ckpt_path)
+            if min(rec["train_acc"], rec["val_acc"]) >= cfg.stop_acc:
+                break
+    summary = summarize(cfg, run["S"], run["P_S"], run["history"])
+    if run["changes"]:
+        summary["changed_on_resume"] = run["changes"]          # {setting: [checkpoint's, now]}
+    if not dry_run:
+        common.write_json(os.path.join(out_dir, "history.json"), run["history"])
+        common.write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary, run["history"]
+
+
+def finished_run(out_dir):
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(out_dir, "history.json")) as f:
+        return dict(summary, done=True), json.load(f)
+
+
+def build_run(cfg, device, compile):
+    """Everything a run carries from step to step: data, model, optimizer, generator, counters."""
     S, train_rows, val_rows = make_data(cfg.n, cfg.k, cfg.n_train, cfg.n_val, cfg.seed)
-    S_prime = torch.cat([S, torch.tensor([cfg.n])]).to(device)
+    S_prime = torch.cat([S, torch.tensor([cfg.n])]).to(device)        # S' = S u {label}
     in_secret = torch.zeros(cfg.n + 1, dtype=torch.bool, device=device)
     in_secret[S_prime] = True
-    train_tok, val_tok = to_tokens(train_rows).to(device), to_tokens(val_rows).to(device)
     model = build_model(cfg).to(device)
     if cfg.model == "transformer":
         opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
-    fwd = torch.compile(model) if compile else model
-    g = torch.Generator(device).manual_seed(cfg.seed + 1)
-    P_S = theory.signal_prob(cfg.t0, cfg.t1, cfg.k)
-    step, train_seconds, history, norms = 0, 0.0, [], []
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    changes = {}
-    if resume and os.path.exists(ckpt_path):
-        ck = common.load_checkpoint(ckpt_path)
-        changes = {**ck.get("changes", {}), **common.check_resume_settings(ck["config"], asdict(cfg), ckpt_path,
-                                                                             allow_change, ignore=("threads",))}
-        common.restore(model, ck["model"], ckpt_path)
-        common.restore(opt, ck["opt"], ckpt_path)
-        g.set_state(ck["gen"])
-        step, train_seconds, history = ck["step"], ck["train_seconds"], ck["history"]
-        if not quiet:
-            print(f"resumed {ckpt_path} at step {step}")
-    elif resume and not quiet:       # said, so that a mistyped --out-dir does not pass unnoticed
-        print(f"--resume: no {ckpt_path} yet; starting a fresh run")
-    if not dry_run:
-        os.makedirs(out_dir, exist_ok=True)
-    B = cfg.batch_size or cfg.n_train
-    max_steps = 2 if dry_run else cfg.max_steps
-    progress = common.Progress(max_steps, start=step)
+    return dict(S=S, S_prime=S_prime, in_secret=in_secret, train_tok=to_tokens(train_rows).to(device),
+                val_tok=to_tokens(val_rows).to(device), model=model, opt=opt,
+                fwd=torch.compile(model) if compile else model,
+                gen=torch.Generator(device).manual_seed(cfg.seed + MASK_SEED_OFFSET),
+                P_S=theory.signal_prob(cfg.t0, cfg.t1, cfg.k), B=cfg.batch_size or cfg.n_train,
+                step=0, seconds=0.0, history=[], norms=[], changes={}, saved=None)
+
+
+def resume_run(run, cfg, ckpt_path, allow_change, quiet):
+    """The checkpoint's model, optimizer, generator and counters, after checking its settings."""
+    ck = common.load_checkpoint(ckpt_path)
+    run["changes"] = {**ck.get("changes", {}), **common.check_resume_settings(
+        ck["config"], asdict(cfg), ckpt_path, allow_change, ignore=("threads",))}
+    common.restore(run["model"], ck["model"], ckpt_path)
+    common.restore(run["opt"], ck["opt"], ckpt_path)
+    run["gen"].set_state(ck["gen"])
+    run.update(step=ck["step"], seconds=ck["train_seconds"], history=ck["history"], saved=ck["step"])
     if not quiet:
-        print(f"{describe(cfg)}: S = {S.tolist()}, P_S = {P_S:.4f}, {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters, batch {B}, {max_steps} steps on {device}")
-    while step < max_steps:
-        t_start = time.time()
-        if cfg.fresh:
-            x0 = fresh_tokens(B, cfg.n, S.to(device), g, device)
-        elif B == cfg.n_train:
-            x0 = train_tok
+        print(f"resumed {ckpt_path} at step {run['step']}")
+
+
+def batch(run, cfg, device):
+    """This step's rows: fresh draws (N = infinity), the whole training set, or a random batch of it."""
+    if cfg.fresh:
+        return fresh_tokens(run["B"], cfg.n, run["S"].to(device), run["gen"], device)
+    if run["B"] == cfg.n_train:
+        return run["train_tok"]
+    return run["train_tok"][torch.randint(0, cfg.n_train, (run["B"],), generator=run["gen"], device=device)]
+
+
+def train_step(run, cfg, device):
+    """One optimizer step, accumulated over micro-batches. Returns (the batch loss, and for MD the
+    per-row losses, outputs and masks that the signal/noise split of the log needs)."""
+    x0, opt = batch(run, cfg, device), run["opt"]
+    for group in opt.param_groups:
+        group["lr"] = common.lr_at(run["step"], cfg.lr, warmup=cfg.warmup)
+    opt.zero_grad(set_to_none=True)
+    loss, parts = 0.0, []
+    for xb in x0.split(cfg.micro_batch or run["B"]):     # gradient accumulation: same step, cache-sized pieces
+        if cfg.objective == "md":
+            t = masking.sample_t(len(xb), cfg.t0, cfg.t1, generator=run["gen"], device=device)    # Def. 3.4
+            xt, masked = masking.mask_tokens(xb, t, MASK, generator=run["gen"])
+            out = predict(run["fwd"], cfg, xt)
+            rows = md_rows(out, cfg, xb, masked & run["in_secret"] if cfg.secret_only else masked, t)
+            parts.append((rows.detach(), out.detach(), masked))
+            piece = rows.sum() / run["B"]
         else:
-            x0 = train_tok[torch.randint(0, cfg.n_train, (B,), generator=g, device=device)]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss, parts = 0.0, []
-        for xb in x0.split(cfg.micro_batch or B):     # gradient accumulation: same step, cache-sized pieces
-            if cfg.objective == "md":
-                t = masking.sample_t(len(xb), cfg.t0, cfg.t1, generator=g, device=device)    # Def. 3.4
-                xt, masked = masking.mask_tokens(xb, t, MASK, generator=g)
-                out = predict(fwd, cfg, xt)
-                rows = md_rows(out, cfg, xb, masked & in_secret if cfg.secret_only else masked, t)
-                parts.append((rows.detach(), out.detach(), masked))
-                piece = rows.sum() / B
-            else:
-                piece = label_loss(predict(fwd, cfg, mask_label(xb)), cfg, xb[:, -1]) * len(xb) / B
-            piece.backward()
-            loss += piece.item()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item())
-        opt.step()
-        step += 1
-        train_seconds += time.time() - t_start
-        if step % cfg.eval_every == 0 or step == max_steps:
-            # the pre-clip gradient norm over the steps since the last evaluation: how often clipping at 1 bites
-            rec = dict(step=step, seconds=round(train_seconds, 2), loss=loss, grad_norm=norms[-1],
-                       grad_norm_max=max(norms), frac_norm_over_1=sum(n > 1 for n in norms) / len(norms),
-                       train_acc=accuracy(model, cfg, train_tok), val_acc=accuracy(model, cfg, val_tok))
-            if cfg.objective == "md":
-                rec.update(regime_stats(*(torch.cat(p) for p in zip(*parts)), S_prime, cfg), P_S=P_S)
-            if cfg.model == "transformer":
-                rec["bits_cos"] = bit_embedding_cos(model, cfg)
-            history.append(rec)
-            norms = []
-            if not quiet:
-                extra = (f" | signal {rec['loss_signal']:.3f} noise {rec['loss_noise']:.3f} "
-                         f"frac {rec['signal_frac']:.3f} (P_S {P_S:.3f}) noise out^2 {rec['noise_out2']:.3f}"
-                         if cfg.objective == "md" else "")
-                extra += f" | cos(e-, e+) {rec['bits_cos']:.2f}" if "bits_cos" in rec else ""
-                print(f"step {step:6d} | loss {rec['loss']:.4f} | train {rec['train_acc']:.3f} "
-                      f"val {rec['val_acc']:.3f}{extra} | {progress.eta(step)}", flush=True)
-            if not dry_run:
-                common.atomic_torch_save(dict(model=model.state_dict(), opt=opt.state_dict(), gen=g.get_state(),
-                                              step=step, train_seconds=train_seconds, history=history,
-                                              config=asdict(cfg), changes=changes), ckpt_path)
-            if min(rec["train_acc"], rec["val_acc"]) >= cfg.stop_acc:
-                break
-    summary = summarize(cfg, S, P_S, history)
-    if changes:
-        summary["changed_on_resume"] = changes          # {setting: [checkpoint's, now]}
-    if not dry_run:
-        common.write_json(os.path.join(out_dir, "history.json"), history)
-        common.write_json(os.path.join(out_dir, "summary.json"), summary)
-    return summary, history
+            piece = label_loss(predict(run["fwd"], cfg, mask_label(xb)), cfg, xb[:, -1]) * len(xb) / run["B"]
+        piece.backward()
+        loss += piece.item()
+    run["norms"].append(common.clip_gradients(run["model"].parameters(), cfg.grad_clip).item())
+    opt.step()
+    return loss, parts
+
+
+def evaluation(run, cfg, loss, parts):
+    """The record of an evaluation step: accuracies, the pre-clip gradient norms since the last one
+    (how often clipping at 1 bites), and for MD the signal/noise split of the batch loss."""
+    norms, model = run["norms"], run["model"]
+    rec = dict(step=run["step"], seconds=round(run["seconds"], 2), loss=loss, grad_norm=norms[-1],
+               grad_norm_max=max(norms), frac_norm_over_1=sum(n > 1 for n in norms) / len(norms),
+               train_acc=accuracy(model, cfg, run["train_tok"]), val_acc=accuracy(model, cfg, run["val_tok"]))
+    if cfg.objective == "md":
+        rows, outs, masks = (torch.cat(column) for column in zip(*parts))     # the micro-batches of the step
+        rec.update(regime_stats(rows, outs, masks, run["S_prime"], cfg), P_S=run["P_S"])
+    if cfg.model == "transformer":
+        rec["bits_cos"] = bit_embedding_cos(model, cfg)
+    run["history"].append(rec)
+    run["norms"] = []
+    return rec
+
+
+def log_line(rec, P_S, cfg):
+    extra = (f" | signal {rec['loss_signal']:.3f} noise {rec['loss_noise']:.3f} frac {rec['signal_frac']:.3f} "
+             f"(P_S {P_S:.3f}) noise out^2 {rec['noise_out2']:.3f}" if cfg.objective == "md" else "")
+    extra += f" | cos(e-, e+) {rec['bits_cos']:.2f}" if "bits_cos" in rec else ""
+    return f"step {rec['step']:6d} | loss {rec['loss']:.4f} | train {rec['train_acc']:.3f} val {rec['val_acc']:.3f}{extra}"
+
+
+def save(run, cfg, ckpt_path):
+    common.atomic_torch_save(dict(model=run["model"].state_dict(), opt=run["opt"].state_dict(),
+                                  gen=run["gen"].get_state(), step=run["step"], train_seconds=run["seconds"],
+                                  history=run["history"], config=asdict(cfg), changes=run["changes"]), ckpt_path)
+    run["saved"] = run["step"]
 
 
 def first_step(history, key, level):
@@ -398,7 +486,7 @@ def summarize(cfg, S, P_S, history):
     last = history[-1]
     steps_95, secs_95 = first_step(history, "val_acc", 0.95)
     steps_mem, _ = first_step(history, "train_acc", 0.99)
-    return dict(settings=asdict(cfg), secret_set=S.tolist(), P_S=P_S if cfg.objective == "md" else None,
+    return dict(script=SCRIPT, settings=asdict(cfg), secret_set=S.tolist(), P_S=P_S if cfg.objective == "md" else None,
                 steps=last["step"],
                 train_seconds=last["seconds"], train_acc=last["train_acc"], val_acc=last["val_acc"],
                 best_val_acc=max(h["val_acc"] for h in history), steps_to_95=steps_95, seconds_to_95=secs_95,
@@ -513,7 +601,7 @@ def run_jobs(todo, jobs, what):
             with open(os.path.join(run_dir, "summary.json")) as f:
                 done = {k: v for k, v in json.load(f)["settings"].items() if k != "threads"}
             if done != {k: v for k, v in asdict(cfg).items() if k != "threads"}:
-                raise ValueError(f"{run_dir} holds a run with other settings; use another --out-dir")
+                raise common.UserError(f"{run_dir} holds a run with other settings; use another --out-dir")
     print(f"{what}: {len(todo)} runs ({len(todo) - len(pending)} already done), {jobs} at a time", flush=True)
     if jobs > 1:
         import multiprocessing as mp
@@ -543,9 +631,20 @@ def table(rows):
     return out
 
 
+def claim_collection(out_dir, kind, settings):
+    """--compare and --ladder write a folder of runs and their table: refused where another script's
+    (or another kind of) run lives, since their summary would be written over it."""
+    owner = common.folder_owner(out_dir)
+    if owner not in (None, kind):
+        raise common.UserError(f"--out-dir {out_dir} holds a run of {owner}, not of {kind}; choose another --out-dir")
+    common.prepare_out_dir(out_dir)
+    common.lock_out_dir(out_dir)
+    common.mark_run(out_dir, kind, settings)
+
+
 def compare(base, intervals, seeds, out_dir, device, jobs, label_steps):
     """Fig. 2 / 6: label and md U[0, t1] for each t1, for each seed; finished runs are reused."""
-    os.makedirs(out_dir, exist_ok=True)
+    claim_collection(out_dir, "parity.py --compare", dict(settings=asdict(base), intervals=intervals, seeds=seeds))
     todo, rows, histories = [], [], {}
     for seed in seeds:
         for objective, t1 in [("label", base.t1)] + [("md", t1) for t1 in intervals]:
@@ -565,8 +664,10 @@ def compare(base, intervals, seeds, out_dir, device, jobs, label_steps):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    summary = dict(settings=asdict(base), intervals=intervals, seeds=seeds, runs=rows, table=table(rows))
+    summary = dict(script="parity.py --compare", settings=asdict(base), intervals=intervals, seeds=seeds, runs=rows,
+                   table=table(rows))
     common.write_json(os.path.join(out_dir, "summary.json"), summary)
+    common.release_locks(os.path.join(out_dir, common.LOCK_FILE))
     return summary, histories
 
 
@@ -577,14 +678,16 @@ def parse_tasks(text):
     try:
         tasks = [tuple(int(v) for v in item.split(",")) for item in text.split()]
     except ValueError:
-        raise ValueError(f"--ladder wants N,K pairs such as '8,2 12,2 8,3', got {text!r}") from None
+        raise common.UserError(f"--ladder wants N,K pairs such as '8,2 12,2 8,3', got {text!r}") from None
     if not tasks or any(len(t) != 2 or not 1 <= t[1] <= t[0] for t in tasks):
-        raise ValueError(f"--ladder wants N,K pairs with 1 <= K <= N, got {text!r}")
+        raise common.UserError(f"--ladder wants N,K pairs with 1 <= K <= N, got {text!r}")
+    if len(set(tasks)) < len(tasks):
+        raise common.UserError(f"--ladder names a task twice: {text!r}")
     return tasks
 
 
 def ladder_config(base, n, k, objective, seed):
-    """One rung: the base settings on (n, k), MD at the P_S-optimal U[0, t1*(k)] (Cor. 4.8 over
+    """One rung: the base settings on (n, k), MD at the P_S-optimal U[0, t1*(k)] (§4.5's best t1, over
     intervals), label-only alike; the step cap grows with k (--max-steps at k = 3)."""
     t1 = round(theory.best_t1(k), 3) if objective == "md" else base.t1
     return replace(base, n=n, k=k, objective=objective, seed=seed, t0=0.0, t1=t1,
@@ -608,6 +711,7 @@ def fit_growth(points):
 def ladder(base, tasks, seeds, out_dir, device, jobs):
     """Steps to 95% validation for label-only and MD over a ladder of small (n, k) tasks, several
     seeds each, the same model and optimiser; the growth fitted and extrapolated to (20, 6)."""
+    claim_collection(out_dir, "parity.py --ladder", dict(settings=asdict(base), tasks=tasks, seeds=seeds))
     todo = [(ladder_config(base, n, k, objective, seed),
              os.path.join(out_dir, f"lad_{objective}_n{n}k{k}_s{seed}"), device)
             for n, k in tasks for seed in seeds for objective in ("label", "md")]
@@ -641,8 +745,10 @@ def ladder(base, tasks, seeds, out_dir, device, jobs):
         fits[objective] = None if fit is None else dict(
             log_C=fit[0], exponent_per_k=fit[1], points=len(points),
             steps_20_6=math.exp(fit[0] + fit[1] * 6 * math.log(20)))
-    summary = dict(settings=asdict(base), tasks=tasks, seeds=seeds, runs=rows, table=table_rows, fits=fits)
+    summary = dict(script="parity.py --ladder", settings=asdict(base), tasks=tasks, seeds=seeds, runs=rows,
+                   table=table_rows, fits=fits)
     common.write_json(os.path.join(out_dir, "ladder.json"), summary)
+    common.release_locks(os.path.join(out_dir, common.LOCK_FILE))
     return summary
 
 
@@ -650,7 +756,7 @@ def ladder(base, tasks, seeds, out_dir, device, jobs):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Parity'.")
-    common.add_common_args(p, presets=PRESETS, preset="mlp", t0=0.0, t1=0.246, out_dir="out/parity")
+    common.add_common_args(p, presets=PRESETS, preset="mlp", t0=0.0, t1=0.246)
     flag_help = {"n": "input bits", "k": "size of the secret set S", "n_train": "N, the training set size",
                  "hidden": "MLP hidden width D", "objective": "md | label", "model": "mlp | transformer",
                  "embed": "transformer embedding: additive (wte + wpe) | joint (one id per value and position, "
@@ -679,15 +785,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_collection_args(a):
+    """--compare and --ladder: seeds and intervals each once, in range."""
+    for seed in a.seeds:
+        common.check_seed(seed, "seeds")
+    if len(set(a.seeds)) < len(a.seeds):
+        raise common.UserError(f"--seeds names a seed twice: {a.seeds}")
+    if len(set(a.intervals)) < len(a.intervals):
+        raise common.UserError(f"--intervals names an interval twice: {a.intervals}")
+    for t1 in a.intervals:
+        common.check_interval(0.0, t1)
+    if a.label_steps is not None:
+        common.check_positive(label_steps=a.label_steps)
+    common.check_positive(jobs=a.jobs)
+
+
 def main(argv=None):
     a = parse_args(argv)
     cfg = common.config_from_args(a, ParityConfig, PRESETS)
     check_config(cfg)
     device = common.pick_device(a.device)
-    if not a.dry_run:
-        common.prepare_out_dir(a.out_dir)
+    if a.ladder or a.compare:
+        check_collection_args(a)
     if a.ladder:
-        s = ladder(cfg, parse_tasks(a.ladder), a.seeds, a.out_dir, device, a.jobs)
+        s = ladder(cfg, parse_tasks(a.ladder), a.seeds, a.out_dir or "out/parity/ladder", device, a.jobs)
         for r in s["table"]:
             mean = f"{r['mean_steps']:,.0f}" if r["mean_steps"] else f"> {r['lower_bound']:,} (none escaped)"
             print(f"{r['objective']:>5} ({r['n']:2d}, {r['k']}): reached 95% in {r['reached']}/{r['seeds']} seeds "
@@ -696,14 +817,13 @@ def main(argv=None):
             print(f"{objective}: " + ("too few tasks reached to fit" if f is None else
                   f"steps ~ {math.exp(f['log_C']):.3g} n^({f['exponent_per_k']:.2f} k) over {f['points']} tasks; "
                   f"(20, 6): {f['steps_20_6']:.3g} steps"))
-        print(f"wrote {a.out_dir}/ladder.json")
+        print(f"wrote {a.out_dir or 'out/parity/ladder'}/ladder.json")
         return
     if a.compare:
         if a.max_steps is None:      # the defaults then fit in 15 minutes of a 2-core CPU (README "Parity")
             cfg = replace(cfg, max_steps=COMPARE_STEPS)
-        for t1 in a.intervals:
-            masking.check_interval(0.0, t1)
-        summary, histories = compare(cfg, a.intervals, a.seeds, a.out_dir, device, a.jobs, a.label_steps)
+        out_dir = a.out_dir or "out/parity/compare"
+        summary, histories = compare(cfg, a.intervals, a.seeds, out_dir, device, a.jobs, a.label_steps)
         for r in summary["table"]:
             p_s = "  —  " if r["P_S"] is None else f"{r['P_S']:.3f}"
             secs = "—" if r["seconds_median"] is None else \
@@ -713,17 +833,22 @@ def main(argv=None):
             print(f"{r['run']:>10}  P_S {p_s}  reached 95% in {r['reached']}/{r['seeds']} seeds  "
                   f"steps to 95%: median {steps}  seconds: median {secs}")
         if a.plot:
-            plot_compare(summary["runs"], histories, a.out_dir)
-        print(f"wrote {a.out_dir}/summary.json, results.csv" + (", fig2_accuracy.png, fig6_label.png, "
-                                                               "steps_to_95.png" if a.plot else ""))
+            plot_compare(summary["runs"], histories, out_dir)
+        print(f"wrote {out_dir}/summary.json, results.csv" + (", fig2_accuracy.png, fig6_label.png, "
+                                                             "steps_to_95.png" if a.plot else ""))
         return
-    summary, history = train(cfg, a.out_dir, device=device, resume=a.resume, compile=a.compile, dry_run=a.dry_run,
+    out_dir = a.out_dir or default_out_dir(cfg)
+    summary, history = train(cfg, out_dir, device=device, resume=a.resume, compile=a.compile, dry_run=a.dry_run,
                              allow_change=a.allow_change)
+    if summary.get("done"):
+        print(verdict(summary))
+        print(common.already_done(out_dir))
+        return
     if a.plot and not a.dry_run:
-        plot_run(history, cfg, os.path.join(a.out_dir, "curves.png"))
+        plot_run(history, cfg, os.path.join(out_dir, "curves.png"))
     print(verdict(summary))
     if not a.dry_run:
-        print(f"wrote {a.out_dir}/summary.json" + (", curves.png" if a.plot else ""))
+        print(f"wrote {out_dir}/summary.json" + (", curves.png" if a.plot else ""))
 
 
 if __name__ == "__main__":

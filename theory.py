@@ -7,7 +7,7 @@ Every quantitative result of the paper's theory, computed exactly and checked by
 
 §4.2-4.4 and App. B-F.4 of the paper. For (n, k) parity with t ~ U[t0, t1]:
   signal_prob       P_S = (k+1) E[t (1-t)^k]                       Thm 4.3
-  best_t1           the t1 maximising P_S for fixed t0 (0.246)     Cor. 4.8 over intervals
+  best_t1           the t1 maximising P_S for fixed t0 (0.246)     §4.5 / Fig. 2
   sample_bound      N >= 4 log(4n/delta) / (E[t] E[(1-t)^k]^2)      Thm 4.2
   sample_optimal_t1 the t1 minimising that bound (t0 = 0)          Cor. 4.7
   energy            E(W) = c^T Sigma^+ c                           Thm 4.5, Cor. 4.6
@@ -22,6 +22,7 @@ import numpy as np
 
 import common
 
+SCRIPT = "theory.py"
 PAPER_WIKITEXT_WEIGHTS = {2: 0.7427, 3: 0.2063, 4: 0.0401, 5: 0.0084, 6: 0.0024}   # App. F.4
 
 
@@ -164,9 +165,10 @@ def ngram_weights(ids, max_order=6, min_count=5):
         c_occ = counts[inverse]                        # count of the i-gram at each position
         kept = keep[inverse]
         C = kept.sum()
-        if C == 0:
-            H.append(H[-1] if H else 0.0)
-        elif order == 1:
+        if C == 0:       # no estimate of H_i at all: w_i would be 0 by default, and t* biased towards 0.5
+            raise ValueError(f"the corpus ({len(ids):,} tokens) has no {order}-gram seen {min_count} times or more: "
+                             f"too few counts to estimate w_{order}; use a larger corpus")
+        if order == 1:
             p = counts[keep] / counts[keep].sum()
             H.append(float(-(p * np.log(p)).sum()))
         else:
@@ -177,6 +179,9 @@ def ngram_weights(ids, max_order=6, min_count=5):
         prefix_keys = keys
     gains = {i: max(H[i - 2] - H[i - 1], 0.0) for i in range(2, max_order + 1)}
     total = sum(gains.values())
+    if total == 0:
+        raise ValueError(f"the corpus ({len(ids):,} tokens) shows no dependency between tokens (no entropy drop "
+                         f"from H_1 to H_{max_order}): no t* to estimate")
     return {i: g / total for i, g in gains.items()}, H
 
 
@@ -372,7 +377,8 @@ def table_rows(n, k, delta, t0, t1, draws, seed, corpus_weights=None):
 
 
 def energy_curve(n, k, t1s, seed=0):
-    """E(W) of a planted W (App. D) for U[0, t1] over t1, same S' and W throughout."""
+    """E(W) of a planted W (this repository's construction, planted_W; the paper plants none) for
+    U[0, t1] over t1, same S' and W throughout."""
     S_prime = np.r_[np.arange(k), n]
     W = planted_W(n, S_prime, seed=seed)
     return [(signal_prob(0, b, k), energy(W, energy_terms(n, k, 0, b, seed=seed, S_prime=S_prime))) for b in t1s]
@@ -458,17 +464,23 @@ def main(argv=None):
     p.add_argument("--out-dir", default="out/theory", help="table, summary.json and plots (%(default)s)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write PNG plots")
     a = p.parse_args(argv)
-    check_k(a.k)
-    if a.k > a.n:
-        raise ValueError(f"need k <= n, got n={a.n}, k={a.k}")
-    check_interval(a.t0, a.t1)
-    check_delta(a.delta)
+    with common.user_input():
+        check_k(a.k)
+        if a.k > a.n:
+            raise ValueError(f"need k <= n, got n={a.n}, k={a.k}")
+        check_interval(a.t0, a.t1)
+        check_delta(a.delta)
     common.check_positive(draws=a.draws)
+    common.check_seed(a.seed)
+    owner = common.folder_owner(a.out_dir)
+    if owner not in (None, SCRIPT):          # its own earlier table it may write again: it is recomputed exactly
+        raise common.UserError(f"--out-dir {a.out_dir} holds a run of {owner}; choose another --out-dir")
     common.prepare_out_dir(a.out_dir)
     corpus_weights = None
     if a.corpus:
         ids = corpus_token_ids(a.corpus, a.tokenizer_file)
-        corpus_weights, H = ngram_weights(ids)
+        with common.user_input():
+            corpus_weights, H = ngram_weights(ids)
         print(f"corpus {a.corpus}: {len(ids):,} GPT-2 tokens; H_1..H_6 = {', '.join(f'{h:.3f}' for h in H)} nats; "
               f"w_2..w_6 = {', '.join(f'{w:.4f}' for w in corpus_weights.values())}")
     rows = table_rows(a.n, a.k, a.delta, a.t0, a.t1, a.draws, a.seed, corpus_weights)
@@ -484,7 +496,7 @@ def main(argv=None):
     for r in rows:
         print(line(r))
     common.write_json(os.path.join(a.out_dir, "summary.json"),
-                      dict(settings=vars(a), corpus_weights=corpus_weights,
+                      dict(script=SCRIPT, settings=vars(a), corpus_weights=corpus_weights,
                            table=[dict(zip(("quantity", "ours", "paper", "check"), r)) for r in rows]))
     if a.plot:
         make_plots(a.out_dir, a.n, a.k, a.delta, corpus_weights, energies)

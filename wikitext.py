@@ -60,6 +60,7 @@ class WikiConfig:
     log_every: int = 10               # steps between log lines
     ckpt_every: int = 250             # steps between checkpoints (OUT_DIR/ckpt.pt)
     masked_head: bool = True          # run the output head on masked positions only
+    stratified_t: bool = True         # t of a micro-batch tiled by one offset (each still U[t0, t1]); Def. 3.4 draws them independently
     seed: int = 0
 
 
@@ -88,10 +89,10 @@ SWEEP = [(round(i / 10, 1), round((i + 1) / 10, 1)) for i in range(10)] + [(0.0,
 def local_split(folder, split):
     """The file of `folder` whose name contains `split` (wiki.test.raw, test.txt, ...): the first, sorted."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--data {folder} is not a folder")
+        raise common.UserError(f"--data {folder} is not a folder")
     names = [f for f in sorted(os.listdir(folder)) if split in f and f.endswith((".raw", ".txt"))]
     if not names:
-        raise FileNotFoundError(f"no *{split}*.raw or *{split}*.txt file in {folder}")
+        raise common.UserError(f"no *{split}*.raw or *{split}*.txt file in {folder}")
     return os.path.join(folder, names[0])
 
 
@@ -124,14 +125,15 @@ def load_tokens(cfg, split, enc):
                 common.wikitext_hub_text(cfg.dataset, split))
         ids = encode_split(text, enc)
         if len(ids) == 0:
-            raise ValueError(f"the {split} split of {cfg.data or cfg.dataset} holds no text")
+            raise common.UserError(f"the {split} split of {cfg.data or cfg.dataset} holds no text")
         tmp = f"{path}.{os.getpid()}.tmp"   # one per process: under torchrun every rank may write the cache
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             ids.tofile(tmp)
             os.replace(tmp, path)
         except OSError as e:
-            raise ValueError(f"--cache-dir {cfg.cache_dir} cannot be written ({e.strerror or type(e).__name__})") from None
+            raise common.UserError(f"--cache-dir {cfg.cache_dir} cannot be written ({e.strerror or type(e).__name__})") \
+                from None
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
@@ -176,49 +178,46 @@ def autocast(device):
 
 # ----------------------------------------------------------------------------- training
 
-def lr_at(step, cfg):
-    """Linear warm-up, then cosine decay to min_lr at max_steps (nanoGPT)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
+SCRIPT = "wikitext.py"
+DATA_SEED_STRIDE = 1000     # rank r of a run seeded s draws batches from s * stride + r, masks from the next
+BOOKKEEPING = ("log_every", "ckpt_every", "cache_dir")
 
 
 def check_config(cfg, model_cfg):
     common.check_positive(batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, block_size=cfg.block_size)
-    masking.check_interval(cfg.t0, cfg.t1)
+    common.check_interval(cfg.t0, cfg.t1)
     if cfg.block_size > model_cfg.block_size:
-        raise ValueError(f"block size {cfg.block_size} exceeds the model's {model_cfg.block_size}")
+        raise common.UserError(f"--block-size {cfg.block_size} exceeds the model's {model_cfg.block_size}")
     if cfg.batch_size % cfg.micro_batch:
-        raise ValueError(f"batch size {cfg.batch_size} is not a multiple of the micro-batch {cfg.micro_batch}")
+        raise common.UserError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch {cfg.micro_batch}")
     if cfg.data and not os.path.isdir(cfg.data):
-        raise FileNotFoundError(f"--data {cfg.data} is not a folder")
+        raise common.UserError(f"--data {cfg.data} is not a folder")
     if cfg.tokenizer_file and not os.path.exists(cfg.tokenizer_file):
-        raise FileNotFoundError(f"--tokenizer-file {cfg.tokenizer_file} does not exist")
+        raise common.UserError(f"--tokenizer-file {cfg.tokenizer_file} does not exist")
     common.check_positive(max_steps=cfg.max_steps, eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every,
                           log_every=cfg.log_every, eval_seqs=cfg.eval_seqs, eval_draws=cfg.eval_draws)
     common.check_optimizer(cfg)
+    check_splits(cfg)
 
 
-def setup_distributed(device):
-    """torchrun sets RANK/WORLD_SIZE: one process per GPU, rank 0 logs and saves (nanoGPT)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, device
-    import torch.distributed as dist
-    cuda = torch.cuda.is_available() and not device.startswith("cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
-    return rank, dist.get_world_size(), device
+def check_splits(cfg):
+    """The test loss is never measured on the split trained on: other split names, and (local files,
+    matched by name) other files."""
+    if cfg.train_split == cfg.eval_split or {cfg.train_split, cfg.eval_split} <= {"valid", "validation"}:
+        raise common.UserError(f"--eval-split {cfg.eval_split} is the split trained on (--train-split "
+                               f"{cfg.train_split}): the test loss would be measured on training text")
+    if cfg.data and local_split(cfg.data, cfg.train_split) == local_split(cfg.data, cfg.eval_split):
+        raise common.UserError(f"--train-split {cfg.train_split} and --eval-split {cfg.eval_split} both pick "
+                               f"{local_split(cfg.data, cfg.train_split)}: name the splits so they match other files")
 
 
 def build(cfg, device, compile_model):
-    model_cfg = model_lib.get_config(cfg.model)
+    with common.user_input():
+        model_cfg = model_lib.get_config(cfg.model)
     check_config(cfg, model_cfg)
     enc = common.gpt2_tokenizer(cfg.tokenizer_file or None)
-    masking.check_mask_id(model_cfg.mask_id, enc.n_vocab, model_cfg.vocab_size)
+    with common.user_input():
+        masking.check_mask_id(model_cfg.mask_id, enc.n_vocab, model_cfg.vocab_size)
     model = model_lib.Transformer(model_cfg).to(device)
     if compile_model:                  # per block: the masked-only head stays eager (data-dependent shape)
         for block in model.transformer.blocks:
@@ -232,127 +231,194 @@ def loss_ce(compile_model):
     return torch.compile(masking.token_ce, dynamic=True) if compile_model else masking.token_ce
 
 
-def md_micro_loss(model, x0, mask_id, cfg, generator, device, ce_fn, masked_head=True):
-    """One draw of the MD objective on a micro-batch: t ~ U[t0, t1] (stratified), the masks, the loss.
-    Returns (loss, masked)."""
-    t = masking.sample_t(len(x0), cfg.t0, cfg.t1, stratified=True, generator=generator, device=device)
-    xt, masked = masking.mask_tokens(x0, t, mask_id, generator=generator)
+def micro_loss(model, x0, mask_id, cfg, generator, device, ce_fn, masked_head=True):
+    """masking.md_step_loss on a micro-batch, under bf16 autocast on CUDA. t is stratified over the
+    micro-batch (stratified_t: one offset, each t still uniform on [t0, t1]; Def. 3.4 draws them
+    independently), which lowers the variance of the small-batch loss."""
     with autocast(device):
-        logits = model(xt, output_mask=masked if masked_head else None)
-    return masking.md_loss(logits, x0, masked, t, ce_fn=ce_fn), masked
+        return masking.md_step_loss(model, x0, mask_id, cfg.t0, cfg.t1, generator=generator,
+                                    stratified=cfg.stratified_t, masked_head=masked_head, ce_fn=ce_fn)
+
+
+def default_out_dir(cfg, preset):
+    return os.path.join("out", "wikitext", common.run_name(preset, common.interval_name(cfg.t0, cfg.t1),
+                                                           f"s{cfg.seed}"))
 
 
 def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_run=False, quiet=False,
-          allow_change=()):
-    """One run: writes out_dir/{ckpt.pt, history.json, summary.json}; returns the summary."""
-    if not dry_run:
-        common.check_fresh(out_dir, resume)
-    rank, world, device = setup_distributed(device)
-    master = rank == 0
-    log = (lambda *a, **k: None) if quiet or not master else print
-    ckpt = os.path.join(out_dir, "ckpt.pt")
-    state = common.load_checkpoint(ckpt) if resume and os.path.exists(ckpt) else None   # read before any write
-    changes = {}
-    if state is not None:
-        changes = {**state.get("changes", {}), **common.check_resume_settings(
-            state["config"], asdict(cfg), ckpt, allow_change, ignore=("log_every", "ckpt_every", "cache_dir"))}
+          allow_change=(), timeout_s=600.0):
+    """One run (DDP under torchrun): writes out_dir/{run.json, ckpt.pt, history.json, summary.json};
+    returns (summary, history) on rank 0 (those of the finished run when out_dir holds this very run)."""
+    rank, world, device = common.setup_distributed(device, timeout_s)
+    try:
+        with common.user_input():
+            model_cfg = model_lib.get_config(cfg.model)
+        common.on_every_rank(check_config, cfg, model_cfg)
+        ckpt = os.path.join(out_dir, "ckpt.pt")
+        state = "fresh" if dry_run else common.broadcast(common.on_every_rank(
+            lambda: claim(out_dir, cfg, resume, ckpt) if rank == 0 else None))
+        if state == "done":
+            return finished(out_dir)
+        saved = common.on_every_rank(read_checkpoint, cfg, ckpt, allow_change) if state == "resume" else None
+        run = common.on_every_rank(build_run, cfg, device, compile_model, world, rank)
+        if saved is not None:
+            common.on_every_rank(resume_run, run, saved, ckpt)
+        if rank == 0 and not dry_run:
+            common.mark_run(out_dir, SCRIPT, asdict(cfg))
+            common.LAST_CHECKPOINT_NOTE = lambda: f"the last complete checkpoint is {ckpt}" + (
+                f" (step {run['saved']})" if run["saved"] is not None else " (none yet)")
+        return loop(run, cfg, out_dir, device, world, rank, dry_run, quiet)
+    finally:
+        common.release_locks(os.path.join(out_dir, common.LOCK_FILE))
+        common.teardown()
+
+
+def claim(out_dir, cfg, resume, ckpt):
+    state = common.claim_out_dir(out_dir, SCRIPT, asdict(cfg), resume=resume, has_checkpoint=os.path.exists(ckpt),
+                                 ignore=BOOKKEEPING)
+    if state != "done":
+        common.prepare_out_dir(out_dir)
+        common.lock_out_dir(out_dir)
+    return state
+
+
+def finished(out_dir):
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(out_dir, "history.json")) as f:
+        return dict(summary, done=True), json.load(f)
+
+
+def build_run(cfg, device, compile_model, world, rank):
+    """The model, its data, optimizer and generators: what the loop carries from step to step."""
     common.set_seed(cfg.seed + rank)
     model, enc = build(cfg, device, compile_model)
     train_tokens = load_tokens(cfg, cfg.train_split, enc)
     test_seqs = eval_sequences(load_tokens(cfg, cfg.eval_split, enc), cfg)
     if len(train_tokens) <= cfg.block_size:
-        raise ValueError(f"the {cfg.train_split} split has only {len(train_tokens)} tokens")
+        raise common.UserError(f"the {cfg.train_split} split has only {len(train_tokens)} tokens")
     if len(test_seqs) == 0:
-        raise ValueError(f"the {cfg.eval_split} split has fewer than {cfg.block_size} tokens")
-    opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
-    ce_fn = loss_ce(compile_model)
-    ddp_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        ddp_model = DistributedDataParallel(model, device_ids=[int(device.split(":")[1])] if ":" in device else None)
+        raise common.UserError(f"the {cfg.eval_split} split has fewer than {cfg.block_size} tokens")
     accum = cfg.batch_size // (cfg.micro_batch * world)
     if accum < 1:
-        raise ValueError(f"batch {cfg.batch_size} < micro-batch {cfg.micro_batch} x {world} processes")
-    data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)           # batches
-    mask_gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank + 1)  # t and masks
-    step, history = 0, []
-    if state is not None:
-        common.restore(model, state["model"], ckpt)
-        common.restore(opt, state["opt"], ckpt)
-        data_gen.set_state(state["data_gen"])
-        mask_gen.set_state(state["mask_gen"])
-        common.set_rng_state(state["rng"])
-        step, history = state["step"], state["history"]
-        log(f"resumed {ckpt} at step {step}")
-    elif resume:                     # said, so that a mistyped --out-dir does not pass unnoticed
-        log(f"--resume: no {ckpt} yet; starting a fresh run")
+        raise common.UserError(f"--batch-size {cfg.batch_size} < --micro-batch {cfg.micro_batch} x {world} processes")
+    opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
+    ddp = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(model, device_ids=[int(device.split(":")[1])] if ":" in device else None)
+    return dict(model=model, ddp=ddp, opt=opt, ce_fn=loss_ce(compile_model), train_tokens=train_tokens,
+                test_seqs=test_seqs, accum=accum,
+                data_gen=torch.Generator().manual_seed(cfg.seed * DATA_SEED_STRIDE + rank),
+                mask_gen=torch.Generator(device).manual_seed(cfg.seed * DATA_SEED_STRIDE + rank + 1),
+                step=0, history=[], seconds=0.0, changes={}, saved=None)
+
+
+def read_checkpoint(cfg, ckpt, allow_change):
+    """The checkpoint to resume, read and its settings checked before any work (a corrupt file or
+    changed settings cost nothing)."""
+    state = common.load_checkpoint(ckpt)
+    state["changes"] = {**state.get("changes", {}), **common.check_resume_settings(
+        state["config"], asdict(cfg), ckpt, allow_change, ignore=BOOKKEEPING)}
+    return state
+
+
+def resume_run(run, state, ckpt):
+    run["changes"] = state["changes"]
+    common.restore(run["model"], state["model"], ckpt)
+    common.restore(run["opt"], state["opt"], ckpt)
+    run["data_gen"].set_state(state["data_gen"])
+    run["mask_gen"].set_state(state["mask_gen"])
+    common.set_rng_state(state["rng"])
+    run.update(step=state["step"], history=state["history"], seconds=state.get("seconds", 0.0), saved=state["step"])
+
+
+def loop(run, cfg, out_dir, device, world, rank, dry_run, quiet):
+    """The training loop: steps, log lines, test-loss evaluations, checkpoints; then the summary."""
+    master = rank == 0
+    log = (lambda *a, **k: None) if quiet or not master else print
+    model, step = run["model"], run["step"]
+    if step:
+        log(f"resumed {os.path.join(out_dir, 'ckpt.pt')} at step {step}")
     max_steps = min(cfg.max_steps, step + 2) if dry_run else cfg.max_steps
-    tokens_per_step = cfg.batch_size * cfg.block_size
-    peak = model_lib.device_peak_flops(device)
-    log(f"{describe(cfg)}: {model.num_params():,} parameters ({cfg.model}), {len(train_tokens):,} train tokens, "
-        f"{len(test_seqs)} test sequences, batch {cfg.batch_size} x {cfg.block_size} "
-        f"({accum} x {cfg.micro_batch} x {world} proc), {max_steps} steps on {device}")
-    if master and not dry_run:
-        os.makedirs(out_dir, exist_ok=True)
-    progress = common.Progress(max_steps, start=step)
-    last_ckpt_step, t_log, window = step, time.time(), []
-    while step < max_steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss_sum = torch.zeros((), device=device)      # summed on the device: one host sync per step, not per micro-batch
-        masked_frac = torch.zeros((), device=device)
-        for micro in range(accum):
-            x0 = get_batch(train_tokens, cfg.micro_batch, cfg.block_size, data_gen).to(device)
-            if world > 1:
-                ddp_model.require_backward_grad_sync = micro == accum - 1
-            loss, masked = md_micro_loss(ddp_model, x0, model.cfg.mask_id, cfg, mask_gen, device, ce_fn,
-                                         cfg.masked_head)
-            loss = loss / accum
-            loss.backward()
-            loss_sum += loss.detach()
-            masked_frac += masked.float().mean() / accum
-        if world > 1:                  # log the mean over processes, not rank 0's share
-            torch.distributed.all_reduce(loss_sum)
-            loss_sum /= world
-        loss_sum, masked_frac = loss_sum.item(), masked_frac.item()
-        if not math.isfinite(loss_sum):
-            raise SystemExit(f"error: the training loss became {loss_sum} at step {step + 1}; stopped. "
-                             f"The last good checkpoint is {ckpt} (step {last_ckpt_step})")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        window.append(loss_sum)
+    log(f"{describe(cfg)}: {model.num_params():,} parameters ({cfg.model}), {len(run['train_tokens']):,} train tokens, "
+        f"{len(run['test_seqs'])} test sequences, batch {cfg.batch_size} x {cfg.block_size} "
+        f"({run['accum']} x {cfg.micro_batch} x {world} proc), {max_steps} steps on {device}")
+    progress, t_log, window = common.Progress(max_steps, start=step), time.time(), []
+    while run["step"] < max_steps:
+        loss, masked_frac = train_step(run, cfg, device, world)
+        window.append(loss)
+        step = run["step"]
         if step % cfg.log_every == 0 or step == max_steps:
-            dt = time.time() - t_log
-            tok_s = len(window) * tokens_per_step / dt
+            tok_s = len(window) * cfg.batch_size * cfg.block_size / (time.time() - t_log)
             mfu = model_lib.estimate_mfu(model.flops_per_token(cfg.block_size, masked_frac if cfg.masked_head else 1),
-                                         tok_s, peak)
+                                         tok_s, model_lib.device_peak_flops(device))
             log(f"step {step:5d} | loss {sum(window) / len(window):.4f} (in-window) | lr {lr_at(step - 1, cfg):.2e} | "
                 f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") + f" | {progress.eta(step)}",
                 flush=True)
-            history.append(dict(step=step, train_loss=sum(window) / len(window), tokens_per_sec=tok_s,
-                                seconds=progress.elapsed()))
+            run["history"].append(dict(step=step, train_loss=sum(window) / len(window), tokens_per_sec=tok_s,
+                                       seconds=run["seconds"] + progress.elapsed()))
             t_log, window = time.time(), []
         if step % cfg.eval_every == 0 or step == max_steps:
-            test_loss, bins = evaluate(model, test_seqs, cfg, device)
-            history.append(dict(step=step, test_loss=test_loss, test_loss_bins=bins))
+            test_loss, bins = evaluate(model, run["test_seqs"], cfg, device)
+            run["history"].append(dict(step=step, test_loss=test_loss, test_loss_bins=bins))
             log(f"step {step:5d} | test loss {test_loss:.4f} (full-range bound, nats/token)")
         if master and not dry_run and (step % cfg.ckpt_every == 0 or step == max_steps):
-            common.atomic_torch_save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step,
-                                          data_gen=data_gen.get_state(), mask_gen=mask_gen.get_state(),
-                                          rng=common.rng_state(), history=history, config=asdict(cfg),
-                                          changes=changes), ckpt)
-            last_ckpt_step = step
-    summary = summarize(cfg, history, model, progress.elapsed())
-    if changes:
-        summary["changed_on_resume"] = changes          # {setting: [checkpoint's, now]}
+            save(run, cfg, os.path.join(out_dir, "ckpt.pt"), run["seconds"] + progress.elapsed())
+    seconds = run["seconds"] + progress.elapsed()
+    summary = summarize(cfg, run["history"], model, seconds)
+    if run["changes"]:
+        summary["changed_on_resume"] = run["changes"]          # {setting: [checkpoint's, now]}
     if master and not dry_run:
-        common.write_json(os.path.join(out_dir, "history.json"), history)
+        common.write_json(os.path.join(out_dir, "history.json"), run["history"])
         common.write_json(os.path.join(out_dir, "summary.json"), summary)
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return summary, history
+    return summary, run["history"]
+
+
+def lr_at(step, cfg):
+    """Linear warm-up, then cosine decay to min_lr at max_steps (nanoGPT): common.lr_at."""
+    return common.lr_at(step, cfg.lr, warmup=cfg.warmup, max_steps=cfg.max_steps, schedule="cosine",
+                        min_lr=cfg.min_lr)
+
+
+def train_step(run, cfg, device, world):
+    """One optimizer step over `accum` micro-batches. Returns (loss averaged over the processes,
+    the masked share); a non-finite loss stops the run in one line naming the last checkpoint."""
+    for group in run["opt"].param_groups:
+        group["lr"] = lr_at(run["step"], cfg)
+    loss_sum = torch.zeros((), device=device)      # summed on the device: one host sync per step, not per micro-batch
+    masked_frac = torch.zeros((), device=device)
+    for micro in range(run["accum"]):
+        x0 = get_batch(run["train_tokens"], cfg.micro_batch, cfg.block_size, run["data_gen"]).to(device)
+        if world > 1:
+            run["ddp"].require_backward_grad_sync = micro == run["accum"] - 1
+        loss, masked = micro_loss(run["ddp"], x0, run["model"].cfg.mask_id, cfg, run["mask_gen"], device, run["ce_fn"],
+                                  cfg.masked_head)
+        loss = loss / run["accum"]
+        loss.backward()
+        loss_sum += loss.detach()
+        masked_frac += masked.float().mean() / run["accum"]
+    if world > 1:                  # log the mean over processes, not rank 0's share
+        torch.distributed.all_reduce(loss_sum)
+        loss_sum /= world
+    loss_sum, masked_frac = loss_sum.item(), masked_frac.item()
+    if not math.isfinite(loss_sum):
+        raise common.UserError(f"the training loss became {loss_sum} at step {run['step'] + 1}; stopped. " +
+                               (common.LAST_CHECKPOINT_NOTE() if common.LAST_CHECKPOINT_NOTE else "") +
+                               "; lower --lr, or check the data")
+    common.clip_gradients(run["model"].parameters(), cfg.grad_clip)
+    run["opt"].step()
+    run["opt"].zero_grad(set_to_none=True)
+    run["step"] += 1
+    return loss_sum, masked_frac
+
+
+def save(run, cfg, path, seconds):
+    common.atomic_torch_save(dict(model=run["model"].state_dict(), opt=run["opt"].state_dict(), step=run["step"],
+                                  data_gen=run["data_gen"].get_state(), mask_gen=run["mask_gen"].get_state(),
+                                  rng=common.rng_state(), history=run["history"], config=asdict(cfg),
+                                  changes=run["changes"], seconds=seconds), path)
+    run["saved"] = run["step"]
 
 
 def describe(cfg):
@@ -363,7 +429,7 @@ def summarize(cfg, history, model, seconds):
     evals = [h for h in history if "test_loss" in h]
     trains = [h for h in history if "train_loss" in h]
     last = evals[-1]
-    return dict(settings=asdict(cfg), parameters=model.num_params(), steps=last["step"],
+    return dict(script=SCRIPT, settings=asdict(cfg), parameters=model.num_params(), steps=last["step"],
                 tokens=last["step"] * cfg.batch_size * cfg.block_size, seconds=round(seconds, 1),
                 test_loss=last["test_loss"], test_loss_bins=last["test_loss_bins"],
                 train_loss_in_window=trains[-1]["train_loss"] if trains else None,
@@ -381,10 +447,10 @@ def parse_intervals(text):
     try:
         out = [tuple(float(v) for v in item.split("-")) for item in text.split(",")]
     except ValueError:
-        raise ValueError(f"--intervals wants T0-T1[,T0-T1...], got {text!r}") from None
+        raise common.UserError(f"--intervals wants T0-T1[,T0-T1...], got {text!r}") from None
     for iv in out:
         if len(iv) != 2:
-            raise ValueError(f"--intervals wants T0-T1[,T0-T1...], got {text!r}")
+            raise common.UserError(f"--intervals wants T0-T1[,T0-T1...], got {text!r}")
         masking.check_interval(*iv)
     return out
 
@@ -405,33 +471,55 @@ def child_argv(argv, t0, t1, device, out):
             "--device", device, "--out-dir", out]
 
 
-def sweep(cfg, intervals, out_dir, device, compile_model, argv):
-    """Train every interval (finished runs are skipped, interrupted ones resumed) and collect the results.
-    With several visible GPUs the runs are spread over them, one process per GPU."""
+def sweep(cfg, intervals, out_dir, device, compile_model, argv, timeout_s=600.0):
+    """Train every interval (finished runs with these settings are reused, interrupted ones resumed;
+    a finished run with other settings is refused) and collect the results. With several visible
+    GPUs the runs are spread over them, one process per GPU."""
+    if len(set(intervals)) < len(intervals):
+        raise common.UserError(f"--intervals names an interval twice: {intervals}")
+    owner = common.folder_owner(out_dir)
+    if owner not in (None, SWEEP_KIND):
+        raise common.UserError(f"--out-dir {out_dir} holds a run of {owner}, not of {SWEEP_KIND}; choose another "
+                               f"--out-dir")
+    for t0, t1 in intervals:
+        done = common.finished_settings(run_dir(out_dir, t0, t1))
+        want = {k: v for k, v in asdict(replace(cfg, t0=t0, t1=t1)).items() if k not in BOOKKEEPING}
+        if done is not None and {k: v for k, v in done.items() if k not in BOOKKEEPING} != want:
+            raise common.UserError(f"{run_dir(out_dir, t0, t1)} holds a finished run with other settings; choose "
+                                   f"another --out-dir")
+    common.prepare_out_dir(out_dir)
+    common.lock_out_dir(out_dir)
+    common.mark_run(out_dir, SWEEP_KIND, dict(settings=asdict(cfg), intervals=intervals))
     todo = [iv for iv in intervals if not os.path.exists(os.path.join(run_dir(out_dir, *iv), "summary.json"))]
     print(f"--sweep: {len(intervals)} runs, {len(intervals) - len(todo)} already done")
     n_gpu = torch.cuda.device_count() if device.startswith("cuda") else 0
     if n_gpu > 1 and todo:
         queue, running = list(todo), []
         while queue or running:
-            busy = {d for d, _ in running}
+            busy = {d for d, _, _ in running}
             for gpu in range(n_gpu):
                 if queue and gpu not in busy:
                     t0, t1 = queue.pop(0)
                     running.append((gpu, subprocess.Popen(child_argv(argv, t0, t1, f"cuda:{gpu}",
-                                                                     run_dir(out_dir, t0, t1)))))
+                                                                     run_dir(out_dir, t0, t1))), (t0, t1)))
             time.sleep(5)
             for item in [r for r in running if r[1].poll() is not None]:
                 running.remove(item)
                 if item[1].returncode:
-                    raise SystemExit(f"error: a sweep run on cuda:{item[0]} failed (exit {item[1].returncode})")
+                    raise common.UserError(f"a sweep run on cuda:{item[0]} failed (exit {item[1].returncode}); its "
+                                           f"folder {run_dir(out_dir, *item[2])} keeps its checkpoint: rerun the sweep")
     else:
         for t0, t1 in todo:
             s, _ = train(replace(cfg, t0=t0, t1=t1), run_dir(out_dir, t0, t1), device=device, resume=True,
-                         compile_model=compile_model)
+                         compile_model=compile_model, timeout_s=timeout_s)
             print(f"U[{t0:g}, {t1:g}]: test loss {s['test_loss']:.4f} (in-window train loss "
                   f"{s['train_loss_in_window']:.4f}) in {s['seconds']:.0f}s", flush=True)
-    return collect(intervals, out_dir)
+    results = collect(intervals, out_dir)
+    common.release_locks(os.path.join(out_dir, common.LOCK_FILE))
+    return results
+
+
+SWEEP_KIND = "wikitext.py --sweep"
 
 
 def collect(intervals, out_dir):
@@ -442,7 +530,7 @@ def collect(intervals, out_dir):
         runs.append(dict(t0=t0, t1=t1, test_loss=s["test_loss"], train_loss_in_window=s["train_loss_in_window"],
                          test_loss_bins=s["test_loss_bins"], test_loss_curve=s["test_loss_curve"],
                          steps=s["steps"], seconds=s["seconds"]))
-    results = dict(runs=runs)
+    results = dict(script=SWEEP_KIND, runs=runs)
     common.write_json(os.path.join(out_dir, "sweep.json"), results)
     with open(os.path.join(out_dir, "sweep.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -542,7 +630,7 @@ def benchmark(cfg, device, compile_model, steps=20, warmup=5, profile=False):
 def bench_step(model, opt, ce_fn, cfg, device, g, masked_head):
     """One training step on random tokens; returns the fraction of positions masked."""
     x0 = torch.randint(0, 50257, (cfg.micro_batch, cfg.block_size), generator=g, device=device)
-    loss, masked = md_micro_loss(model, x0, model.cfg.mask_id, cfg, g, device, ce_fn, masked_head)
+    loss, masked = micro_loss(model, x0, model.cfg.mask_id, cfg, g, device, ce_fn, masked_head)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -566,9 +654,10 @@ def print_profile(step, cuda, n_steps=3):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'WikiText'.")
-    common.add_common_args(p, presets=PRESETS, preset="paper", t0=0.0, t1=1.0, out_dir="out/wikitext")
+    common.add_common_args(p, presets=PRESETS, preset="paper", t0=0.0, t1=1.0)
     common.add_config_args(p, WikiConfig, PRESETS["paper"], "paper preset",
                            skip=("t0", "t1", "seed", "max_steps", "masked_head"))
+    common.add_dist_args(p)
     p.add_argument("--full-head", action="store_true", help="run the output head on every position")
     p.add_argument("--sweep", action="store_true", help="Fig. 3/7: train every interval of --intervals")
     p.add_argument("--intervals", default=None,
@@ -590,7 +679,8 @@ def auto_interval(cfg, width):
     """F.4: centre the window on the t* of the training split's n-gram statistics."""
     enc = common.gpt2_tokenizer(cfg.tokenizer_file or None)
     ids = load_tokens(cfg, cfg.train_split, enc)
-    weights, _ = theory.ngram_weights(np.asarray(ids))
+    with common.user_input():
+        weights, _ = theory.ngram_weights(np.asarray(ids))
     t_star = theory.language_t_star(weights, 1)
     t0, t1 = max(0.0, t_star - width / 2), min(1.0, t_star + width / 2)
     print(f"--interval auto: w_2..w_6 = {', '.join(f'{w:.4f}' for w in weights.values())}, "
@@ -602,41 +692,45 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
     cfg = config_from_args(a)
-    masking.check_interval(cfg.t0, cfg.t1)
+    common.check_interval(cfg.t0, cfg.t1)
     device = common.pick_device(a.device)
     if a.benchmark:
+        common.check_positive(bench_steps=a.bench_steps)
+        out_dir = a.out_dir or os.path.join("out", "wikitext", f"benchmark_{a.preset}")
         if not a.dry_run:
-            common.prepare_out_dir(a.out_dir)
+            common.prepare_out_dir(out_dir)
         out = benchmark(cfg, device, a.compile, steps=a.bench_steps, profile=a.profile)
         if not a.dry_run:
-            common.write_json(os.path.join(a.out_dir, "benchmark.json"), out)
+            common.write_json(os.path.join(out_dir, "benchmark.json"), out)
         return
     if a.interval == "auto":
+        common.check_positive(window=a.window)
         cfg = replace(cfg, **dict(zip(("t0", "t1"), auto_interval(cfg, a.window))))
     if a.sweep:
         intervals = parse_intervals(a.intervals) if a.intervals else SWEEP
-        common.prepare_out_dir(a.out_dir)
-        results = sweep(cfg, intervals, a.out_dir, device, a.compile, argv)
+        out_dir = a.out_dir or os.path.join("out", "wikitext", f"sweep_{a.preset}_s{cfg.seed}")
+        results = sweep(cfg, intervals, out_dir, device, a.compile, argv, a.dist_timeout)
         for r in results["runs"]:
             print(f"U[{r['t0']:g}, {r['t1']:g}]  test loss {r['test_loss']:.4f}  "
                   f"bins {' '.join(f'{b:.2f}' for b in r['test_loss_bins'])}")
         if a.plot:
-            plot_sweep(results, a.out_dir)
-        print(f"wrote {a.out_dir}/sweep.json, sweep.csv" + (", fig3_loss_vs_interval.png, fig7_loss_vs_step.png, "
-                                                             "loss_per_t_bin.png" if a.plot else ""))
+            plot_sweep(results, out_dir)
+        print(f"wrote {out_dir}/sweep.json, sweep.csv" + (", fig3_loss_vs_interval.png, fig7_loss_vs_step.png, "
+                                                           "loss_per_t_bin.png" if a.plot else ""))
         return
-    if not a.dry_run:
-        common.check_fresh(a.out_dir, a.resume)
-        common.prepare_out_dir(a.out_dir)
-    summary, _ = train(cfg, a.out_dir, device=device, resume=a.resume, compile_model=a.compile, dry_run=a.dry_run,
-                       allow_change=a.allow_change)
+    out_dir = a.out_dir or default_out_dir(cfg, a.preset)
+    summary, _ = train(cfg, out_dir, device=device, resume=a.resume, compile_model=a.compile, dry_run=a.dry_run,
+                       allow_change=a.allow_change, timeout_s=a.dist_timeout)
     if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if summary.get("done"):
+        print(common.already_done(out_dir, ("test_loss", "steps")))
         return
     print(f"{describe(cfg)}: test loss {summary['test_loss']:.4f} nats/token (full-range bound), in-window train "
           f"loss {summary['train_loss_in_window']:.4f}, {summary['steps']} steps, {summary['seconds']:.0f}s")
     print("test loss per t-bin: " + " ".join(f"{b:.2f}" for b in summary["test_loss_bins"]))
     if not a.dry_run:
-        print(f"wrote {a.out_dir}/summary.json")
+        print(f"wrote {out_dir}/summary.json")
 
 
 if __name__ == "__main__":

@@ -80,9 +80,10 @@ def test_wikitext_corrupt_checkpoint(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"PK\x03\x04 garbage")
+    (out / "run.json").write_text(json.dumps({"script": "wikitext.py"}))
     msg = one_line_error(wikitext.main, wikitext_args(tmp_path, "--out-dir", str(out), "--resume"))
     assert "ckpt.pt" in msg and "corrupt" in msg
-    assert os.listdir(out) == ["ckpt.pt"] and not (tmp_path / "cache").exists()   # failed before any work
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "run.json"] and not (tmp_path / "cache").exists()   # before any work
 
 
 @needs_data
@@ -140,10 +141,10 @@ def test_load_checkpoint_reads_a_good_file(tmp_path):
 
 
 def test_import_graph_flows_one_way():
-    """scripts -> {model, masking, theory, common, fsdp}: no file imports a script (so no script
+    """scripts -> {model, masking, theory, common, fsdp, plan}: no file imports a script (so no script
     imports another), and the libraries import only one another."""
     import ast
-    libs = {"model", "masking", "theory", "common", "fsdp"}
+    libs = {"model", "masking", "theory", "common", "fsdp", "plan"}
     files = [f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")]
     assert {"parity", "wikitext", "pretrain_8b", "sft_8b", "eval_8b"} <= set(files) and libs <= set(files)
     for name in files:
@@ -208,6 +209,7 @@ def test_a_fresh_8b_run_refuses_an_out_dir_holding_a_run(tmp_path, script, marke
     (out / "step_0000004").mkdir(parents=True)
     (out / "step_0000004" / "extra.pt").write_bytes(b"the earlier run")
     (out / marker).mkdir() if marker.startswith("step_") else (out / marker).write_text("{}")
+    (out / "run.json").write_text(json.dumps({"script": script}))
     before = snapshot(out)
     msg = script_error(script, ["--preset", "tiny", "--device", "cpu", "--data", str(tmp_path / "x.jsonl"),
                                 "--out-dir", str(out)])
@@ -220,7 +222,8 @@ def test_a_fresh_parity_or_wikitext_run_refuses_an_earlier_run(tmp_path):
     parity.main(PARITY + ["--out-dir", out])
     before = snapshot(out)
     assert "holds an earlier run" in one_line_error(parity.main, PARITY + ["--out-dir", out, "--t1", "0.5"])
-    assert "holds an earlier run" in one_line_error(wikitext.main, ["--out-dir", out, "--preset", "tiny"])
+    assert "holds a run of parity.py, not of wikitext.py" in one_line_error(wikitext.main, ["--out-dir", out,
+                                                                                            "--preset", "tiny"])
     assert snapshot(out) == before
 
 
@@ -241,7 +244,7 @@ def test_resume_with_nothing_to_resume_says_so_and_starts_fresh(tmp_path, capsys
     """--resume into an --out-dir with no checkpoint (a first run under a preemptible launcher, or a
     mistyped --out-dir) starts a fresh run, and says so, so the typo does not pass unnoticed."""
     parity.main(PARITY + ["--out-dir", str(tmp_path / "p"), "--resume"])
-    assert f"--resume: no {tmp_path / 'p' / 'ckpt.pt'} yet; starting a fresh run" in capsys.readouterr().out
+    assert f"--resume: no checkpoint in {tmp_path / 'p'} yet; starting a fresh run" in capsys.readouterr().out
     r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_8b.py"),
                         *tiny_pretrain(docs_file(tmp_path / "docs.jsonl"), tmp_path / "8b", "--resume")],
                        capture_output=True, text=True, env=ENV, timeout=300)
@@ -417,10 +420,14 @@ def test_a_failing_evaluation_leaves_a_finished_one_as_it_was(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "eval_8b.py"), *args], capture_output=True, text=True,
                        env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    written = ("summary.json", "results.md", "lm_eval_arc_challenge.json")
+    written = ("summary.json", "results.md", "results/arc_challenge.json")
     results = {f: (tmp_path / "eval" / f).read_bytes() for f in written}
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "eval_8b.py"), *args], capture_output=True, text=True,
+                           env=ENV, timeout=300)             # the same command: says where its result is
+    assert again.returncode == 0 and "already holds this run" in again.stdout, again.stderr[-2000:]
+    assert "holds an earlier run" in script_error("eval_8b.py", [*args[:-4], "--mc-num", "3", *args[-2:]])
     path = data / "arc_challenge" / "ARC-Challenge-test.jsonl"
     path.write_text(path.read_text()[:5000])                     # cut mid-line
-    assert "truncated" in script_error("eval_8b.py", args)
+    assert "truncated" in script_error("eval_8b.py", [*args[:-4], "--mc-num", "3", *args[-2:], "--resume"])
     assert {f: (tmp_path / "eval" / f).read_bytes() for f in results} == results
     assert not [f for f in os.listdir(tmp_path / "eval") if f.endswith(".tmp")]

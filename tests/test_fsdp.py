@@ -10,10 +10,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import common
 import fsdp
 import masking
 import model as model_lib
+import plan
 from pretrain_8b import PretrainConfig
+from test_model import small_llada
 
 
 class world_of_one:
@@ -59,27 +62,28 @@ def test_tokenizer_checks():
 
 def test_wsd_schedule():
     cfg = PretrainConfig(max_steps=100, warmup=10, lr=1.0, min_lr=0.1, decay_frac=0.2)
-    lrs = [fsdp.lr_at(s, cfg) for s in range(100)]
+    lrs = [common.lr_at(s, cfg.lr, warmup=cfg.warmup, max_steps=cfg.max_steps, schedule=cfg.schedule,
+                        min_lr=cfg.min_lr, decay_frac=cfg.decay_frac) for s in range(100)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[79] == 1.0
     assert lrs[80] == 1.0 and lrs[99] == pytest.approx(1.0 + 19 / 20 * (0.1 - 1.0))
     assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
 
 
 def test_plan_arithmetic_of_the_8b_run():
-    out = fsdp.plan(PretrainConfig(), 8, 0.4)
+    out = plan.plan(PretrainConfig(), 8, 0.4, traced=False)
     # FLOPs per token: 6 N (head on half the positions) + bidirectional attention 12 n_layer d L
     body, head = 8_015_581_184 - 2 * 126464 * 4096, 126464 * 4096
     assert out["flops_per_token"] == 6 * (body + 0.5 * head) + 12 * 32 * 4096 * 4096
     assert out["gib"]["params"] == pytest.approx(4 * 8_015_581_184 / 8 / 2**30)
-    out = fsdp.plan(PretrainConfig(), 8, 0.4, paper_hours=20)
+    out = plan.plan(PretrainConfig(), 8, 0.4, paper_hours=20, traced=False)
     assert 0.3 < out["paper_hours_mfu"] < 1.0
 
 
 def test_the_plan_counts_every_part_and_picks_the_checkpointing():
     """Table 4's run on 8 GPUs: FSDP's unsharded gradients and reduce buffers, the worst-t logits and a
     fixed allowance are counted; activations per policy by hand; --ac auto picks the cheapest policy
-    that fits 90% of the card: selective on an 80 GiB H100, none on a 141 GiB H200."""
-    out = fsdp.plan(PretrainConfig(), 8, 0.4)
+    that fits 90% of the card (the arithmetic's totals; --ac auto itself decides on the trace)."""
+    out = plan.plan(PretrainConfig(), 8, 0.4, traced=False)
     parts, totals, gib = out["gib"], out["total_gib"], 2.0 ** 30
     d, h, V, tok, layers = 4096, 12288, 126464, 2 * 4096, 32
     assert parts["grads"] == parts["params"] and parts["adam"] == 2 * parts["params"]
@@ -90,11 +94,9 @@ def test_the_plan_counts_every_part_and_picks_the_checkpointing():
     assert totals["full"] == pytest.approx(fixed + (layers * 2 * d + 2 * (14 * d + 4 * h)) * tok / gib)
     assert totals["none"] > totals["every-2"] > totals["selective"] > totals["full"]
     assert out["evaluation_gib"] < totals["full"]      # chunked, no gradients: below any training peak
-    assert out["ac_auto"] == "selective" and totals["none"] > 0.9 * 80 > totals["selective"]
-    assert fsdp.plan(PretrainConfig(gpu_gib=141), 8, 0.4)["ac_auto"] == "none"
-    assert fsdp.choose_ac(PretrainConfig(), 8, "cpu") == "none"
-    assert fsdp.choose_ac(PretrainConfig(), 8, "cuda:0") == "selective"
-    assert fsdp.choose_ac(PretrainConfig(ac="every-4"), 8, "cuda:0") == "every-4"
+    assert totals["none"] > 0.9 * 80 > totals["selective"]
+    assert plan.choose_ac(PretrainConfig(), 8, "cpu") == "none"
+    assert plan.choose_ac(PretrainConfig(ac="every-4"), 8, "cuda:0") == "every-4"
 
 
 
@@ -127,7 +129,7 @@ def train_tiny(tmp_path, name, max_steps, poison_call=None):
         try:
             fsdp.train_loop(cfg, m, opt, {i: FakeSlot(i) for i in range(4)}, batches, lambda: 0.0,
                             str(tmp_path / name), "cpu", ce_fn, lambda text, **r: None,
-                            dict(step=0, history=[], seconds=0.0, changes={}))
+                            dict(step=0, history=[], seconds=0.0, tokens=0, changes={}))
         except ValueError as e:
             error = str(e)
         weights = {n: p.full_tensor().detach().clone() for n, p in m.named_parameters()}
@@ -177,7 +179,7 @@ def test_random_length_steps_leave_the_compiled_blocks_static():
     cfg = model_lib.ModelConfig(vocab_size=40, mask_id=39, block_size=16, n_layer=2, n_head=2, d_model=16,
                                 mlp_hidden=24, norm="rmsnorm", mlp="swiglu", pos="rope", bias=False,
                                 tie_weights=False)
-    m = model_lib.apply_ac(model_lib.Transformer(cfg), "selective", compile_blocks=True)
+    m = fsdp.apply_ac(model_lib.Transformer(cfg), "selective", compile_blocks=True)
     full, short = torch.randint(0, 39, (2, 16)), torch.randint(0, 39, (2, 11))
     m(full).square().mean().backward()
     with torch.compiler.set_stance("fail_on_recompile"):
@@ -215,3 +217,51 @@ def test_prefetch_hands_over_batches_in_order_and_errors_to_the_main_thread(tmp_
         assert feed.next() == ([2], {0: {"pos": 3}})
         with pytest.raises(ValueError, match="the data ran out"):
             feed.next()
+
+
+# ----------------------------------------------------------------------------- parallelize (moved out of model.py)
+
+@pytest.mark.parametrize("policy,compiled", [("full", False), ("selective", False), ("every-2", False),
+                                             ("selective", True)])
+def test_activation_checkpointing_policies_give_the_same_gradients(policy, compiled):
+    """Recomputing (all of a block, or all but its matmuls and attention) changes no number; with
+    compile, the checkpointed forward is compiled (torchtitan's order). Parameter names stay."""
+    torch.manual_seed(0)
+    a = model_lib.Transformer(small_llada(n_layer=3))
+    b = model_lib.Transformer(small_llada(n_layer=3))
+    b.load_state_dict(a.state_dict())
+    fsdp.apply_ac(b, policy, compile_blocks=compiled)
+    assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+    idx = torch.randint(0, 39, (2, 12))
+    for m in (a, b):
+        m(idx).square().mean().backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-5)
+
+
+def test_ac_modes():
+    assert fsdp.ac_modes("every-2", 5) == ["full", None, "full", None, "full"]
+    assert fsdp.ac_modes("selective", 2) == ["selective"] * 2 and fsdp.ac_modes("none", 2) == [None, None]
+    with pytest.raises(ValueError, match="every-N"):
+        fsdp.ac_modes("every-0", 4)
+
+
+def test_fsdp2_wraps_and_matches_unsharded(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        ref = model_lib.Transformer(small_llada())
+        m = model_lib.Transformer(small_llada())
+        m.load_state_dict(ref.state_dict())
+        fsdp.apply_fsdp(m, mixed_precision=False)
+        idx = torch.randint(0, 40, (2, 16))
+        assert torch.allclose(m(idx), ref(idx), atol=1e-6)
+        m(idx).sum().backward()
+        ref(idx).sum().backward()
+        g = m.transformer.blocks[0].q_proj.weight.grad.full_tensor()
+        assert torch.allclose(g, ref.transformer.blocks[0].q_proj.weight.grad, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+

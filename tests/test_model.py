@@ -96,31 +96,6 @@ def test_flops_and_mfu():
     assert model.estimate_mfu(1e9, 1000.0, None) is None
 
 
-@pytest.mark.parametrize("policy,compiled", [("full", False), ("selective", False), ("every-2", False),
-                                             ("selective", True)])
-def test_activation_checkpointing_policies_give_the_same_gradients(policy, compiled):
-    """Recomputing (all of a block, or all but its matmuls and attention) changes no number; with
-    compile, the checkpointed forward is compiled (torchtitan's order). Parameter names stay."""
-    torch.manual_seed(0)
-    a = model.Transformer(small_llada(n_layer=3))
-    b = model.Transformer(small_llada(n_layer=3))
-    b.load_state_dict(a.state_dict())
-    model.apply_ac(b, policy, compile_blocks=compiled)
-    assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
-    idx = torch.randint(0, 39, (2, 12))
-    for m in (a, b):
-        m(idx).square().mean().backward()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.allclose(pa.grad, pb.grad, atol=1e-5)
-
-
-def test_ac_modes():
-    assert model.ac_modes("every-2", 5) == ["full", None, "full", None, "full"]
-    assert model.ac_modes("selective", 2) == ["selective"] * 2 and model.ac_modes("none", 2) == [None, None]
-    with pytest.raises(ValueError, match="every-N"):
-        model.ac_modes("every-0", 4)
-
-
 def test_peak_flops_tell_the_h100s_apart():
     assert model.peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12          # SXM
     assert model.peak_flops_of("NVIDIA H100 PCIe") == 756e12
@@ -224,25 +199,6 @@ def test_generate_recovers_an_oracle_answer_in_confidence_order():
     assert torch.equal(out, target)
     first_unmasked = [(a & ~b).nonzero()[:, 1].tolist() for a, b in zip(order, order[1:])]
     assert first_unmasked == [[4], [3], [2], [7], [6]]
-
-
-def test_fsdp2_wraps_and_matches_unsharded(tmp_path):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        ref = model.Transformer(small_llada())
-        m = model.Transformer(small_llada())
-        m.load_state_dict(ref.state_dict())
-        model.apply_fsdp(m, mixed_precision=False)
-        idx = torch.randint(0, 40, (2, 16))
-        assert torch.allclose(m(idx), ref(idx), atol=1e-6)
-        m(idx).sum().backward()
-        ref(idx).sum().backward()
-        g = m.transformer.blocks[0].q_proj.weight.grad.full_tensor()
-        assert torch.allclose(g, ref.transformer.blocks[0].q_proj.weight.grad, atol=1e-5)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("pos", ["rope", "learned"])

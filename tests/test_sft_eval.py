@@ -110,7 +110,7 @@ def test_sft_masks_only_answers_and_counts_the_padding(tmp_path):
         rows = sft_8b.Rows(ids, answer, slot, cfg, "cpu")
         for step in range(3):
             x0, maskable = rows.batch(step)
-            loss, masked = fsdp.md_micro_loss(Recorder(), x0, 257, cfg, rows.gen, masking.token_ce, maskable)
+            loss, masked = masking.md_step_loss(Recorder(), x0, 257, cfg.t0, cfg.t1, generator=rows.gen, maskable=maskable)
             xt = seen[-1][0]
             assert not (masked & ~maskable).any() and torch.equal(xt[~maskable], x0[~maskable])  # prompt intact
             assert torch.equal(xt == 257, masked) and math.isfinite(loss.item())
@@ -165,7 +165,7 @@ def harness(m, tok=None, **kw):
     eval_8b = pytest.importorskip("eval_8b")
     pytest.importorskip("lm_eval")
     tok = tok or fsdp.byte_tokenizer()
-    return eval_8b.lm_eval_class()(m, tok, fsdp.token_ids(tok, m.cfg), "cpu", **kw)
+    return eval_8b.MaskedDiffusionLM(m, tok, fsdp.token_ids(tok, m.cfg), "cpu", **kw)
 
 
 def exact_log_likelihood(fn, ctx, ans, mask_id):
@@ -278,8 +278,10 @@ def test_eval_cli_on_local_task_files(tmp_path):
     assert arc["lm_eval_task"] == "arc_challenge_local" and 0 <= arc["value"] <= 1 and arc["cfg"] == 0.5
     assert gsm["metric"] == "exact_match,flexible-extract" and gsm["protocol"] == "base"
     assert gsm["logits_eos_inf"] is False and gsm["confidence_eos_eot_inf"] is False   # LLaDA's base protocol
-    raw = json.load(open(tmp_path / "eval" / "lm_eval_arc_challenge.json"))
+    raw = json.load(open(tmp_path / "eval" / "results" / "arc_challenge.json"))["raw"]
     assert raw["results"]["arc_challenge_local"]["acc_norm,none"] == arc["value"]
+    assert arc["items"] == gsm["items"] == 4          # results.md says how many items were scored
+    assert "items scored: arc_challenge 4, gsm8k 4" in (tmp_path / "eval" / "results.md").read_text()
     assert "| **ours** |" in (tmp_path / "eval" / "results.md").read_text()
 
 
@@ -321,13 +323,13 @@ def test_protocols_and_the_rows_printed_beside_ours():
     assert eval_8b.PROTOCOLS["base"] == dict(chat=False, logits_eos_inf=False, confidence_eos_eot_inf=False)
     assert eval_8b.PROTOCOLS["instruct"] == dict(chat=True, logits_eos_inf=False, confidence_eos_eot_inf=True)
     assert not any("eos" in k for t in eval_8b.TASKS.values() for k in t)
-    row = lambda t, v, cfg: dict(value=v, cfg=cfg, metric="acc,none", protocol="base")
+    row = lambda t, v, cfg: dict(value=v, cfg=cfg, metric="acc,none", protocol="base", items=10)
     guided = {"mmlu": row("mmlu", 0.5, 0.0), "arc_challenge": row("arc_challenge", 0.4, 0.5)}
-    text = eval_8b.markdown(guided, 2, "ckpt", None)
+    text = eval_8b.markdown(guided, 2, "ckpt")
     assert "| LLaDA Base with CFG (LLaDA's Tab. 6) | 0.659 | 0.479 |" in text          # matches cfg 0.5
     assert "| paper: LLaDA Base (LLaDA's, without CFG) | 0.659 | 0.459 |" in text
     unguided = {"mmlu": row("mmlu", 0.5, 0.0), "arc_challenge": row("arc_challenge", 0.4, 0.0)}
-    assert "with CFG" not in eval_8b.markdown(unguided, 2, "ckpt", None)
+    assert "with CFG" not in eval_8b.markdown(unguided, 2, "ckpt")
 
 
 def test_tasks_scored_by_is_greedy_are_refused(tmp_path):

@@ -33,7 +33,7 @@ def test_tokenizer_from_local_rank_file():
 
 
 def test_tokenizer_file_missing():
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(common.UserError):
         common.gpt2_tokenizer("/nonexistent/gpt2.tiktoken")
 
 
@@ -105,7 +105,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
         out = real(*a, **k)
         return out * float("nan") if len(calls) == 3 else out
     monkeypatch.setattr(wikitext.masking, "md_loss", poisoned)
-    with pytest.raises(SystemExit, match="step 3.*step 2"):
+    with pytest.raises(common.UserError, match="step 3.*step 2"):
         wikitext.train(cfg, str(tmp_path / "run"), quiet=True)
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 2
 
@@ -167,7 +167,7 @@ def test_interval_auto_centres_on_corpus_t_star(tmp_path):
 
 @pytest.mark.parametrize("args,msg", [(["--t0", "0.6", "--t1", "0.4"], "t0"),
                                       (["--preset", "tiny", "--data", "/nonexistent"], "not a folder"),
-                                      (["--preset", "tiny", "--block-size", "999"], "block size")])
+                                      (["--preset", "tiny", "--block-size", "999"], "--block-size 999 exceeds")])
 def test_bad_input_is_one_line_error(tmp_path, args, msg):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "wikitext.py"), *args], capture_output=True, text=True,
                        cwd=tmp_path)
