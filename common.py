@@ -579,6 +579,7 @@ class Interrupted(BaseException):
 
 
 def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)        # a second SIGTERM ends the process at once
     raise Interrupted()
 
 
@@ -586,8 +587,10 @@ def run_cli(main):
     """Run main(). A UserError is one line on stderr, no traceback; under torchrun only rank 0 prints
     it and every rank exits with status 1. Ctrl-C and SIGTERM are one line naming the last complete
     checkpoint and the command that continues the run. Any other exception is a bug: its traceback."""
+    import atexit
     with contextlib.suppress(ValueError):            # not the main thread: leave signals alone
         signal.signal(signal.SIGTERM, _on_sigterm)
+        atexit.register(signal.signal, signal.SIGTERM, signal.SIG_DFL)    # no exception while exiting
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         main()
@@ -647,7 +650,7 @@ def setup_distributed(device, timeout_s=600.0, backend=None):
     timeout = timedelta(seconds=timeout_s)
     try:
         if torchrun:
-            dist.init_process_group(backend, timeout=timeout)
+            init_under_torchrun(backend, timeout)
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                     timeout=timeout)
@@ -658,6 +661,27 @@ def setup_distributed(device, timeout_s=600.0, backend=None):
                         f"that did not start") from None
     CONTROL = dist.new_group(backend="gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def init_under_torchrun(backend, timeout):
+    """The default group under torchrun. On one node torchrun hands every restart of the workers the
+    same rendezvous store (its agent's), whose keys torch does not prefix by attempt: a restarted
+    group could read the dead group's addresses and fail to connect, or hang. The keys of each
+    attempt get a prefix of their own here (every worker of a node has the same restart count).
+    Across nodes the counts may differ, so there the launcher must not share its store:
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every rendezvous round a store of its own (README)."""
+    world = int(os.environ["WORLD_SIZE"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("LOCAL_WORLD_SIZE", -1)) != world:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ["RANK"]) == 0:
+            print("warning: several nodes share torchrun's rendezvous store; a restart may then meet the dead "
+                  "workers' addresses: launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README)", flush=True)
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"signal-rich/attempt_{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
 
 
 def teardown():

@@ -293,3 +293,79 @@ def test_a_slot_resumes_exactly_across_files_and_epochs(tmp_path):
             got = fresh.next_batch(2), torch.rand(3, generator=fresh.gen)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), n
     assert slot.epoch >= 2
+
+
+# ----------------------------------------------------------------------------- issue 24: runs that survive reality
+
+FAULT = os.path.join(ROOT, "tests", "fault.py")
+
+
+def exported(folder):
+    from safetensors.torch import load_file
+    return {k: v for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")
+            for k, v in load_file(os.path.join(folder, f)).items()}
+
+
+def test_a_killed_worker_restarts_from_the_newest_checkpoint_and_ends_bit_identical(tmp_path):
+    """Issue 24.2/24.3: kill -9 of one worker between two saves, under torchrun --standalone
+    --max-restarts 1 with --resume (a launcher's way to survive a lost worker). The checkpoint of step
+    10 is complete as soon as it is written (before: only at the next save, so the restart went back
+    to step 0), the group restarts from it, and ends with the uninterrupted run's weights, bit for bit."""
+    data = corpus(tmp_path / "corpus.txt")
+    args = ["--preset", "tiny", "--device", "cpu", "--data", data, "--max-steps", "30", "--save-every", "10",
+            "--eval-every", "30", "--schedule", "constant", "--no-plot", "--resume"]
+    killed = tmp_path / "killed"
+    env = {**ENV, "FAULT": "kill-at-step", "FAULT_RANK": "1", "FAULT_STEP": "13", "FAULT_MARKER": str(tmp_path / "once"),
+           "FAULT_AFTER": str(killed / "step_0000010")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "--max-restarts", "1", FAULT, "pretrain_8b.py", *args, "--out-dir", str(killed)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert (tmp_path / "once").exists()                          # the fault fired: rank 1 was killed
+    records = [json.loads(line) for line in open(killed / "log.jsonl")]
+    assert [rec["resumed"] for rec in records if "resumed" in rec] == [10]
+    launch([*args, "--out-dir", str(tmp_path / "whole")], nproc=2)
+    a, b = losses(killed), losses(tmp_path / "whole")
+    assert sorted(a) == list(range(1, 31)) and all(a[s] == b[s] for s in a)
+    wa, wb = exported(killed / "export"), exported(tmp_path / "whole" / "export")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_nodes_with_a_c10d_rendezvous_train_are_killed_and_resume(tmp_path):
+    """Issue 24.9: two torchrun agents (--nnodes 2 --nproc_per_node 1, c10d on localhost), as two nodes
+    would run. A worker of one node is killed; both agents restart their workers (--max-restarts 1),
+    rank 0 picks the checkpoint and every rank resumes it; the result is the one-node run's."""
+    from common import free_port
+    data = corpus(tmp_path / "corpus.txt")
+    args = ["--preset", "tiny", "--device", "cpu", "--data", data, "--max-steps", "20", "--save-every", "10",
+            "--eval-every", "20", "--schedule", "constant", "--no-plot", "--resume", "--out-dir", str(tmp_path / "run")]
+    port = free_port()
+    agents = []
+    for node in range(2):
+        env = {**ENV, "FAULT": "kill-at-step", "FAULT_RANK": "1", "FAULT_STEP": "13", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+               "FAULT_MARKER": str(tmp_path / f"once{node}"), "FAULT_AFTER": str(tmp_path / "run" / "step_0000010")}
+        agents.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--max-restarts",
+             "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", FAULT,
+             "pretrain_8b.py", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+    outs = [a.communicate(timeout=300) for a in agents]
+    assert all(a.returncode == 0 for a in agents), "\n".join(o[1][-3000:] for o in outs)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [rec["resumed"] for rec in records if "resumed" in rec] == [10]
+    launch([*args[:-2], "--out-dir", str(tmp_path / "one_node")], nproc=2)
+    a, b = losses(tmp_path / "run"), losses(tmp_path / "one_node")
+    assert sorted(a) == list(range(1, 21)) and all(a[s] == b[s] for s in a)
+
+
+def test_an_out_dir_a_node_does_not_see_is_one_line(tmp_path):
+    """Issue 24.9: every rank must see --out-dir (checkpoints of several nodes must meet in one place):
+    a rank that does not find rank 0's probe file stops every rank, in one line naming the folder."""
+    data = corpus(tmp_path / "corpus.txt")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", FAULT,
+                        "pretrain_8b.py", "--preset", "tiny", "--device", "cpu", "--data", data, "--max-steps", "2",
+                        "--out-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                       env={**ENV, "FAULT": "hide-probe"}, cwd=ROOT)
+    assert r.returncode != 0
+    ours = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "is not seen by every rank" in ours[0] and str(tmp_path / "run") in ours[0], r.stderr
+    assert not (tmp_path / "run").exists()             # the refused run left nothing behind
