@@ -345,7 +345,8 @@ def main(argv=None):
         world = a.world_size or int(os.environ.get("WORLD_SIZE", "8"))
         fsdp.check_config(cfg, world)
         mc = planned_model(cfg)
-        mc = mc if mc is None else replace(mc, block_size=max(mc.block_size, cfg.block_size))
+        if mc is not None and cfg.block_size > mc.block_size:
+            raise common.UserError(f"--block-size {cfg.block_size} exceeds --init's max_sequence_length {mc.block_size}")
         plan.plan(cfg, world, a.plan_mfu, paper_hours=6 if cfg.init == fsdp.LLADA else None, model_cfg=mc,
                   traced=a.trace)
         return

@@ -108,12 +108,12 @@ class FakeSlot:
         return {}
 
 
-def train_tiny(tmp_path, name, max_steps, poison_call=None):
+def train_tiny(tmp_path, name, max_steps, poison_call=None, **settings):
     """fsdp.train_loop on the tiny model over random tokens, world of one, the CE of one micro-batch
     (call number `poison_call`) made NaN. Returns (weights after the loop, its error message or None)."""
     from pretrain_8b import PRESETS
     cfg = replace(PretrainConfig(**PRESETS["tiny"]), max_steps=max_steps, log_every=4, eval_every=100,
-                  save_every=100, warmup=1)
+                  save_every=100, warmup=1, **settings)
     ids = fsdp.token_ids(fsdp.byte_tokenizer())
     calls = []
 
@@ -265,3 +265,16 @@ def test_fsdp2_wraps_and_matches_unsharded(tmp_path):
         dist.destroy_process_group()
 
 
+
+
+def test_grad_clip_0_means_never_not_zero_gradients(tmp_path):
+    """Issue 24.1: --grad-clip 0 ("never") trains exactly as an unreachable clip does; clip_grad_norm_
+    with max_norm 0 itself multiplies every gradient by 0 (only weight decay would move the weights)."""
+    never, _ = train_tiny(tmp_path, "never", max_steps=3, grad_clip=0.0)
+    huge, _ = train_tiny(tmp_path, "huge", max_steps=3, grad_clip=1e9)
+    assert all(torch.equal(never[n], huge[n]) for n in never)
+    tight, _ = train_tiny(tmp_path, "tight", max_steps=3, grad_clip=1e-3)
+    assert not all(torch.equal(never[n], tight[n]) for n in never)
+    g = [torch.nn.Parameter(torch.ones(3))]
+    g[0].grad = torch.full((3,), 2.0)
+    assert common.clip_gradients(g, 0).item() == pytest.approx(12 ** 0.5) and g[0].grad.tolist() == [2.0] * 3

@@ -183,7 +183,7 @@ def test_a_tokenizer_built_with_tokenizers(tmp_path):
 
 
 def test_dry_run_prints_the_8b_plan():
-    r = launch(["--dry-run"], nproc=1)
+    r = launch(["--dry-run", "--no-trace"], nproc=1)             # the trace at this size: tests/test_plan.py
     assert "8,015,581,184 parameters" in r.stdout
     assert "8 GPUs, micro-batch 2 (8 accumulation steps)" in r.stdout and "implies" in r.stdout
 
@@ -369,3 +369,110 @@ def test_an_out_dir_a_node_does_not_see_is_one_line(tmp_path):
     ours = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and "is not seen by every rank" in ours[0] and str(tmp_path / "run") in ours[0], r.stderr
     assert not (tmp_path / "run").exists()             # the refused run left nothing behind
+
+
+def dclm_folder(path, n_shards=3, per_shard=9):
+    """A local folder laid out like DCLM: global-shard_*/local-shard_*/*.jsonl.zstd shards."""
+    import zstandard
+    docs = []
+    for g in range(2):
+        for s in range(n_shards):
+            folder = path / f"global-shard_{g + 1:02d}_of_10" / f"local-shard_{s}_of_10"
+            folder.mkdir(parents=True)
+            rows = [dict(text=f"shard {g}.{s} doc {i}: " + " ".join(["token"] * (4 + i)), url=f"u{i}") for i in range(per_shard)]
+            docs += [r["text"] for r in rows]
+            raw = "".join(json.dumps(r) + "\n" for r in rows).encode()
+            (folder / f"shard_{s:08d}_processed.jsonl.zstd").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    return docs
+
+
+def test_dclm_layout_of_zstd_shards_is_read_whole_in_an_order_shuffled_by_the_seed(tmp_path):
+    """Issue 24.4: DCLM's real files are *.jsonl.zstd under global-shard_*/local-shard_*/. They are read
+    (zstandard), every document once over the slots; the file order is shuffled by --seed (the same
+    on any world size: it is decided before the slots), not the sorted listing's first files."""
+    docs = dclm_folder(tmp_path / "dclm")
+    cfg = pretrain_8b.PretrainConfig(data=str(tmp_path / "dclm"), tokenizer="")
+    builder, files, data_id = pretrain_8b.data_files(cfg)
+    assert builder == "json" and len(files) == 6 and all(f.endswith(".jsonl.zstd") for f in files)
+    assert files != sorted(files) and sorted(files) == sorted(pretrain_8b.local_files(cfg.data)[1])
+    assert files == pretrain_8b.data_files(cfg)[1]                                   # a function of the seed
+    assert pretrain_8b.data_files(pretrain_8b.replace_seed(cfg, 1))[1] != files
+    ds = pretrain_8b.open_documents(builder, files)
+    read = [d for i in range(4) for d in pretrain_8b.documents(pretrain_8b.slot_stream(ds, i, 4), cfg, "test", {})]
+    assert sorted(read) == sorted(docs)
+    # and a whole run trains on it
+    launch(["--preset", "tiny", "--device", "cpu", "--data", str(tmp_path / "dclm"), "--max-steps", "3", "--eval-docs",
+            "4", "--out-dir", str(tmp_path / "run"), "--no-plot"], nproc=1)
+
+
+def test_the_hub_listing_is_filtered_to_data_files(monkeypatch):
+    """Issue 24.4: rank 0 lists the Hub repository once (here: a faked listing) and keeps its data files."""
+    import huggingface_hub
+    names = ["README.md", ".gitattributes", "global-shard_01_of_10/local-shard_0_of_10/shard_00000000_processed.jsonl.zstd",
+             "global-shard_01_of_10/local-shard_0_of_10/shard_00000001_processed.jsonl.zstd"]
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, repo_type=None: names)
+    builder, files = pretrain_8b.hub_files("mlfoundations/dclm-baseline-1.0")
+    assert builder == "json" and files == [f"hf://datasets/mlfoundations/dclm-baseline-1.0/{n}" for n in names[2:]]
+
+
+def test_fields_that_are_not_text_are_skipped_and_counted(tmp_path):
+    """Issue 24.5: a number, a list or a dict in the text field is never str()-ed into training data."""
+    path = tmp_path / "docs.jsonl"
+    rows = [{"text": f"document {i} is text enough"} for i in range(40)]
+    rows[1], rows[2], rows[3] = {"text": 5}, {"text": ["a", "b"]}, {"text": {"nested": "x"}}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = pretrain_8b.PretrainConfig(data=str(path), tokenizer="")
+    skipped = {}
+    builder, files, _ = pretrain_8b.data_files(cfg)
+    read = list(pretrain_8b.documents(pretrain_8b.open_documents(builder, files), cfg, "test", skipped))
+    assert len(read) == 37 and all(isinstance(t, str) and t.startswith("document") for t in read)
+    assert {k: v for k, v in skipped.items() if k != "fields seen"} == {"'text' not text (int)": 1,
+                                                                       "'text' not text (list)": 1,
+                                                                       "'text' not text (dict)": 1}
+    r = launch(["--preset", "tiny", "--device", "cpu", "--data", str(path), "--text-field", "text", "--max-steps", "2",
+                "--eval-docs", "4", "--block-size", "16", "--out-dir", str(tmp_path / "run"), "--no-plot"], nproc=1)
+    assert json.load(open(tmp_path / "run" / "summary.json"))["skipped_rows"]["'text' not text (int)"] == 1
+
+
+def test_resuming_after_the_data_changed_is_refused(tmp_path):
+    """Issue 26: the same --data path with other contents (the held-out set would be rebuilt from other
+    text) is refused on --resume, unless --allow-change data."""
+    data = corpus(tmp_path / "corpus.txt")
+    args = ["--preset", "tiny", "--device", "cpu", "--data", data, "--max-steps", "4", "--save-every", "2",
+            "--out-dir", str(tmp_path / "run"), "--no-plot"]
+    launch(args, nproc=1)
+    shutil.rmtree(tmp_path / "run" / "export")
+    corpus(tmp_path / "corpus.txt", n=500)                       # edited in place
+    more = ["--resume", "--max-steps", "6", "--allow-change", "max_steps"]
+    r = launch(args + more, nproc=1, check=False)
+    assert r.returncode == 1 and "the data changed since" in r.stderr and "--allow-change data" in r.stderr, r.stderr
+    launch(args + ["--resume", "--max-steps", "6", "--allow-change", "max_steps", "data"], nproc=1)
+    assert json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 6
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path):
+    """Issue 26: a checkpoint write that fails (here: a file-size limit, as a full disk fails a write)
+    is one line naming the checkpoint and the last complete one; its temporary folder is removed and
+    the earlier checkpoint stays intact and resumable."""
+    import resource
+    data = corpus(tmp_path / "corpus.txt")
+    args = ["--preset", "tiny", "--device", "cpu", "--data", data, "--save-every", "2", "--eval-every", "100",
+            "--out-dir", str(tmp_path / "run"), "--no-plot"]
+    launch([*args, "--max-steps", "2", "--export", str(tmp_path / "e1")], nproc=1)
+    before = snapshot_tree(tmp_path / "run" / "step_0000002")
+    limit = 64 * 1024                         # extra.pt and log lines fit; a shard of the model's state does not
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    r = subprocess.run([sys.executable, SCRIPT, *args, "--max-steps", "4", "--resume", "--allow-change", "max_steps",
+                        "--export", str(tmp_path / "e2")], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                       preexec_fn=small_files, timeout=300)
+    assert r.returncode == 1 and r.stderr.startswith("error: could not write") and r.stderr.count("\n") == 1, r.stderr
+    assert "step_0000004" in r.stderr and "the last complete checkpoint is" in r.stderr and "step_0000002" in r.stderr
+    assert sorted(os.listdir(tmp_path / "run")) == sorted(["log.jsonl", "run.json", "step_0000002", "summary.json"])
+    assert snapshot_tree(tmp_path / "run" / "step_0000002") == before
+
+
+def snapshot_tree(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(folder) for f in fs}

@@ -341,3 +341,128 @@ def test_tasks_scored_by_is_greedy_are_refused(tmp_path):
         eval_8b.check_output_type(manager, "lambada_openai")
     eval_8b.check_output_type(manager, "arc_challenge")          # multiple choice: fine
     eval_8b.check_output_type(manager, "mmlu")                   # a group of multiple-choice tasks
+
+
+# ----------------------------------------------------------------------------- issue 24: SFT on real data
+
+def merging_tokenizer():
+    """A tokenizer whose merges cross the prompt/answer boundary ("\\n\\n" + "5" is one token), with
+    LLaDA's special tokens: encoding prompt and answer together would shift the answer's mask."""
+    from tokenizers import AddedToken, Tokenizer, models
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789+?=. \n"))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab["\n\n"], vocab["\n\n5"] = len(vocab), len(vocab) + 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "\n"), ("\n\n", "5")]))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in fsdp.SPECIALS])
+    return tok
+
+
+def test_the_prompt_answer_boundary_is_exact_with_a_merging_tokenizer():
+    tok = merging_tokenizer()
+    msgs = conversation("what is 2+3?", "5")
+    whole = tok.encode("".join(sft_8b.chat_text(msgs)), add_special_tokens=False).ids
+    prompt, answer = sft_8b.chat_ids(tok, msgs)
+    assert whole[:len(prompt)] != prompt                 # encoded together, the boundary token merges ...
+    assert prompt == tok.encode(sft_8b.chat_text(msgs)[0], add_special_tokens=False).ids
+    assert answer == [tok.token_to_id("5"), tok.token_to_id("<|eot_id|>")]      # ... apart, the answer is exact
+    ids, masks, _ = sft_8b.encode_rows([{"messages": msgs}], tok, tok.token_to_id("<|endoftext|>"), 48)
+    assert ids[0, len(prompt)].item() == tok.token_to_id("5") and not masks[0, :len(prompt)].any() \
+        and masks[0, len(prompt):].all()
+
+
+def test_held_out_rows_are_never_training_rows():
+    """Issue 24.7: a dataset's duplicates of a held-out row are dropped from training (3 of 8 were kept)."""
+    tok = fsdp.byte_tokenizer()
+    rows = [{"messages": conversation(f"{i % 3}+1?", str(i % 3 + 1))} for i in range(12)]
+    ids, masks, _ = sft_8b.encode_rows(rows, tok, 256, 64)
+    eval_ids, _, train_ids, _, dropped = sft_8b.split_held_out(ids, masks, 2)
+    held = {tuple(r.tolist()) for r in eval_ids}
+    assert dropped == 6 and len(train_ids) == 4 and not any(tuple(r.tolist()) in held for r in train_ids)
+
+
+def test_content_that_is_not_text_is_skipped_or_joined():
+    """Issue 24.5: `content: null` is skipped and counted (never "None"); a list of text parts is joined."""
+    tok = fsdp.byte_tokenizer()
+    parts = [{"role": "user", "content": [{"type": "text", "text": "1+"}, {"type": "text", "text": "1?"}]},
+             {"role": "assistant", "content": "2"}]
+    rows = [{"messages": parts}, {"messages": conversation(a=None)}, {"messages": conversation(a=[1, 2])}]
+    ids, masks, skipped = sft_8b.encode_rows(rows, tok, 256, 64)
+    assert len(ids) == 1 and bytes(t for t in ids[0].tolist() if t < 256).find(b"1+1?") > 0
+    assert skipped == {"a message's content is null, not text": (1, 1), "a message's content is list, not text": (2, 1)}
+
+
+def llada_base_like_tokenizer(last_id=126345):
+    """A tokenizer laid out as LLaDA-8B-Base's (ids up to 126345, its BOS/EOS/MASK, no chat markers)."""
+    from tokenizers import AddedToken, Tokenizer, models
+    specials = {126080: "<|startoftext|>", 126081: "<|endoftext|>", 126336: "<|mdm_mask|>"}
+    vocab = {specials.get(i, f"t{i}"): i for i in range(last_id + 1)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials.values()])
+    return tok
+
+
+def test_chat_markers_get_llada_instructs_ids_or_are_refused():
+    """Issue 24.8: LLaDA-8B-Base's tokenizer lacks the chat markers: added with LLaDA-Instruct's ids
+    (<|eot_id|> = 126348, the id its sampler uses); any other tokenizer without them is refused."""
+    tok = llada_base_like_tokenizer()
+    ids = fsdp.chat_tokens(tok)
+    assert ids == {"<|start_header_id|>": 126346, "<|end_header_id|>": 126347, "<|eot_id|>": 126348}
+    assert tok.encode("<|eot_id|>", add_special_tokens=False).ids == [126348]
+    with pytest.raises(fsdp.common.UserError, match="no <|start_header_id|>, <|end_header_id|>, <|eot_id|> token"):
+        fsdp.chat_tokens(llada_base_like_tokenizer(last_id=126400))
+
+
+def tiny_export(folder, **config_changes):
+    m = model_lib.Transformer(model_lib.get_config("tiny", vocab_size=262, mask_id=257, block_size=64))
+    model_lib.save_safetensors(m, str(folder))
+    config = {**model_lib.config_to_json(m.cfg, eos_token_id=256), **config_changes}
+    (folder / "config.json").write_text(json.dumps(config))
+    fsdp.byte_tokenizer().save(str(folder / "tokenizer.json"))
+    return m
+
+
+def test_sft_plans_for_the_model_it_loads(tmp_path):
+    """Issue 24.6: --dry-run (and --ac auto) plan for --init's model, not the tiny default preset."""
+    tiny_export(tmp_path / "export")
+    r = run("sft_8b.py", ["--dry-run", "--no-trace", "--init", str(tmp_path / "export"), "--world-size", "1",
+                          "--block-size", "64"])
+    n = model_lib.Transformer(model_lib.get_config("tiny", vocab_size=262, mask_id=257, block_size=64)).num_params()
+    assert f"the --init model: {n:,} parameters" in r.stdout
+    r = run("sft_8b.py", ["--dry-run", "--no-trace", "--world-size", "8"])
+    assert "8,015,581,184 parameters" in r.stdout                     # LLaDA-8B-Base, the default --init
+
+
+@pytest.mark.parametrize("case,want", [("n_heads 0", "n_heads is 0; it must be positive"),
+                                        ("d_model string", "d_model is '32', not an integer"),
+                                        ("n_layers float", "n_layers is 2.0, not an integer"),
+                                        ("a list", "holds a JSON list, not an object"),
+                                        ("broken", "is not valid JSON (line 1"),
+                                        ("int8", "not float32/bfloat16/float16")])
+def test_nonsense_checkpoint_configs_are_one_line_naming_the_file(tmp_path, case, want):
+    """Issue 25.6: a config.json that is valid JSON but no model's (or not JSON), or int8 weights, is
+    one line naming the file, for eval_8b.py --checkpoint and sft_8b.py --init alike."""
+    folder = tmp_path / "export"
+    tiny_export(folder)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if case == "n_heads 0":
+        path.write_text(json.dumps({**config, "n_heads": 0, "n_kv_heads": 0}))
+    elif case == "d_model string":
+        path.write_text(json.dumps({**config, "d_model": "32"}))
+    elif case == "n_layers float":
+        path.write_text(json.dumps({**config, "n_layers": 2.0}))
+    elif case == "a list":
+        path.write_text(json.dumps([config]))
+    elif case == "broken":
+        path.write_text('{"n_heads": ')
+    else:
+        from safetensors.torch import save_file
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
+        save_file({"model.transformer.wte.weight": torch.zeros(262, 32, dtype=torch.int8)}, str(folder / "model.safetensors"))
+        (folder / "model.safetensors.index.json").unlink()
+    for script, args in (("eval_8b.py", ["--checkpoint", str(folder), "--tasks", "arc_easy"]),
+                         ("sft_8b.py", ["--preset", "tiny", "--init", str(folder), "--data", rows_file(tmp_path / "r.jsonl")])):
+        r = run(script, [*args, "--device", "cpu", "--out-dir", str(tmp_path / script)], check=False)
+        assert r.returncode == 1 and r.stderr.startswith("error:") and r.stderr.strip().count("\n") == 0, r.stderr
+        assert want in r.stderr and (str(folder) in r.stderr), (script, r.stderr)
