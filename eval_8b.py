@@ -124,8 +124,9 @@ class MaskedDiffusionLM(LM or object):
         return out
 
     def fail(self, e):
-        """A failure in lm-eval's own code on this rank, met by the others at their next status."""
-        if self._world_size > 1:
+        """A failure in lm-eval's own code on this rank, met by the others at their next status (one
+        agreed already, in agreed(), is every rank's already)."""
+        if self._world_size > 1 and not getattr(e, "reported", False):
             common.agree(common.failure_of(e), group=self.group)
 
     # -- loglikelihood
@@ -395,6 +396,7 @@ def check_task_file(path):
     (or a traceback inside lm-eval): every jsonl line parses, every csv row has its header's width,
     every ARC item has choices and an answerKey among their labels."""
     import csv
+    import io
     if os.path.isdir(path):
         return
     try:
@@ -412,7 +414,7 @@ def check_task_file(path):
             if isinstance(item, dict) and "answerKey" in item:
                 check_arc_item(item, path, n)
     else:
-        rows = list(csv.reader(text.splitlines()))
+        rows = list(csv.reader(io.StringIO(text, newline="")))     # quoted fields may hold newlines
         lines = rows[1:]                                # after the header
         bad = next((n for n, r in enumerate(rows, 1) if len(r) != len(rows[0])), None)
         if bad:
