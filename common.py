@@ -591,7 +591,7 @@ def run_cli(main):
     with contextlib.suppress(ValueError):            # not the main thread: leave signals alone
         signal.signal(signal.SIGTERM, _on_sigterm)
         atexit.register(signal.signal, signal.SIGTERM, signal.SIG_DFL)    # no exception while exiting
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = not all(v in os.environ for v in TORCHRUN_VARS) or int(os.environ["RANK"]) == 0   # stale RANK=1: print
     try:
         main()
     except UserError as e:

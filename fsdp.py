@@ -871,6 +871,7 @@ def add_run_args(p, cls, figure, **defaults):
 
 def check_config(cfg, world):
     """User errors that every rank finds alike, before any work (pre-training's and SFT's settings)."""
+    common.check_optimizer(cfg)
     common.check_positive(batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, block_size=cfg.block_size,
                           gpu_gib=cfg.gpu_gib)
     common.check_interval(cfg.t0, cfg.t1)

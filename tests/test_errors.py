@@ -431,3 +431,302 @@ def test_a_failing_evaluation_leaves_a_finished_one_as_it_was(tmp_path):
     assert "truncated" in script_error("eval_8b.py", [*args[:-4], "--mc-num", "3", *args[-2:], "--resume"])
     assert {f: (tmp_path / "eval" / f).read_bytes() for f in results} == results
     assert not [f for f in os.listdir(tmp_path / "eval") if f.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- issue 26: round 3
+
+def run_script(script, args, cwd, env=None, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          env=env or ENV, cwd=cwd, timeout=timeout)
+
+
+def test_the_readmes_parity_commands_run_one_after_another(tmp_path):
+    """A newcomer types the README's first command, then its next: each run has a folder of its own,
+    named by its settings; the same finished command again says where its result is, writes nothing."""
+    small = PARITY[:-1]                                 # the README's commands, at a toy size, plots on
+    first = run_script("parity.py", ["--t1", "0.246", *small], tmp_path)
+    second = run_script("parity.py", ["--objective", "label", *small], tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    runs = sorted(os.listdir(tmp_path / "out" / "parity"))
+    assert runs == ["label_n8k2_mlp_s0", "md_U0-0.246_n8k2_mlp_s0"]
+    before = snapshot(tmp_path / "out")
+    again = run_script("parity.py", ["--t1", "0.246", *small], tmp_path)
+    assert again.returncode == 0 and "already holds this run, finished" in again.stdout
+    assert "out/parity/md_U0-0.246_n8k2_mlp_s0/summary.json" in again.stdout
+    assert snapshot(tmp_path / "out") == before
+
+
+def finished_pretrain(tmp_path):
+    data = docs_file(tmp_path / "docs.jsonl")
+    r = run_script("pretrain_8b.py", tiny_pretrain(data, tmp_path / "run"), ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return data
+
+
+def test_resume_never_starts_fresh_over_a_finished_run(tmp_path):
+    """--resume of a finished pre-training run whose checkpoints were removed started fresh and wrote
+    over its summary.json and export: with its settings it says where the result is; with others it
+    is refused; nothing changes either way."""
+    data = finished_pretrain(tmp_path)
+    for ckpt in fsdp_checkpoints(tmp_path / "run"):
+        import shutil
+        shutil.rmtree(ckpt)
+    before = snapshot(tmp_path / "run")
+    same = run_script("pretrain_8b.py", tiny_pretrain(data, tmp_path / "run", "--resume"), ROOT)
+    assert same.returncode == 0 and "already holds this run, finished" in same.stdout, same.stderr[-2000:]
+    msg = script_error("pretrain_8b.py", tiny_pretrain(data, tmp_path / "run", "--resume", "--max-steps", "4",
+                                                       "--allow-change", "max_steps"))
+    assert "holds a finished run with other settings and no checkpoint to continue from" in msg
+    assert snapshot(tmp_path / "run") == before
+
+
+def fsdp_checkpoints(folder):
+    return [os.path.join(folder, d) for d in os.listdir(folder) if d.startswith("step_")]
+
+
+@pytest.mark.parametrize("writer,owner", [("pretrain_8b.py", "wikitext.py"), ("wikitext.py", "pretrain_8b.py"),
+                                          ("parity.py", "pretrain_8b.py"), ("theory.py", "parity.py"),
+                                          ("parity.py --compare", "wikitext.py")])
+def test_no_script_writes_into_another_scripts_folder(tmp_path, writer, owner):
+    """--resume (or theory.py / parity.py --compare, which write a summary) into a folder holding
+    another script's run is refused before anything is written."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"script": owner}))
+    (out / "summary.json").write_text(json.dumps({"script": owner, "test_loss": 1.0}))
+    before = snapshot(out)
+    script, *extra = writer.split()
+    args = {"pretrain_8b.py": tiny_pretrain(str(tmp_path / "x.jsonl"), out, "--resume"),
+            "wikitext.py": ["--preset", "tiny", "--out-dir", str(out), "--resume"],
+            "parity.py": PARITY + ["--out-dir", str(out), "--resume", *extra],
+            "theory.py": ["--draws", "100", "--out-dir", str(out), "--no-plot"]}[script]
+    msg = script_error(script, args, cwd=tmp_path)
+    assert f"holds a run of {owner}" in msg
+    assert snapshot(out) == before
+
+
+def test_exports_are_never_written_over(tmp_path):
+    """--resume --export DIR wrote over an earlier export; --export inside a checkpoint folder was
+    accepted and --keep later deleted it."""
+    data = docs_file(tmp_path / "docs.jsonl")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text("{}")
+    msg = script_error("pretrain_8b.py", tiny_pretrain(data, tmp_path / "run", "--resume", "--export", str(tmp_path / "e")))
+    assert "holds an earlier export" in msg and (tmp_path / "e" / "config.json").read_text() == "{}"
+    msg = script_error("pretrain_8b.py", tiny_pretrain(data, tmp_path / "run2", "--export",
+                                                       str(tmp_path / "run2" / "step_0000002" / "export")))
+    assert "lies inside --out-dir's checkpoints" in msg
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    """Two runs writing one --out-dir at once: the second is refused while the first lives (its lock
+    names its pid); the lock of a process that is gone is taken over."""
+    import socket
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        msg = one_line_error(parity.main, PARITY + ["--out-dir", str(out)])
+        assert f"is being written by another run (pid {holder.pid}" in msg
+    finally:
+        holder.communicate(b"")
+    parity.main(PARITY + ["--out-dir", str(out)])           # the holder is gone: its lock is stale
+    assert json.load(open(out / "summary.json"))["steps"] == 4 and not (out / ".lock").exists()
+
+
+@needs_data
+def test_a_sweep_reuses_only_runs_of_its_own_settings(tmp_path):
+    out = tmp_path / "sweep"
+    args = wikitext_args(tmp_path, "--sweep", "--intervals", "0-0.5", "--out-dir", str(out))
+    wikitext.main(args)
+    msg = one_line_error(wikitext.main, [*args, "--lr", "0.01"])
+    assert "holds a finished run with other settings" in msg
+    assert "names an interval twice" in one_line_error(wikitext.main, wikitext_args(
+        tmp_path, "--sweep", "--intervals", "0-0.5,0-0.5", "--out-dir", str(out)))
+    assert "names a seed twice" in one_line_error(parity.main, PARITY + ["--compare", "--seeds", "0", "0",
+                                                                         "--out-dir", str(tmp_path / "c")])
+
+
+@needs_data
+def test_wikitext_seconds_add_up_over_a_resume_and_a_finished_run_is_left_alone(tmp_path):
+    out = str(tmp_path / "run")
+    wikitext.main(wikitext_args(tmp_path, "--out-dir", out, "--ckpt-every", "1"))
+    first = json.load(open(os.path.join(out, "summary.json")))
+    wikitext.main(wikitext_args(tmp_path, "--out-dir", out, "--resume", "--max-steps", "4", "--allow-change",
+                                "max_steps"))
+    second = json.load(open(os.path.join(out, "summary.json")))
+    assert second["steps"] == 4 and second["seconds"] > first["seconds"] > 0
+    before = snapshot(out)
+    wikitext.main(wikitext_args(tmp_path, "--out-dir", out, "--resume", "--max-steps", "4"))   # finished: said, kept
+    assert snapshot(out) == before
+
+
+@needs_data
+@pytest.mark.parametrize("split", ["valid", "validation"])
+def test_wikitext_never_tests_on_its_training_split(tmp_path, split):
+    msg = one_line_error(wikitext.main, wikitext_args(tmp_path, "--eval-split", split, "--out-dir", str(tmp_path / "o")))
+    assert "is the split trained on" in msg
+
+
+def test_wikitext_splits_that_pick_one_file_are_refused(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "all_train_test.txt").write_text("text " * 500)
+    cfg = wikitext.WikiConfig(**{**wikitext.PRESETS["tiny"], "data": str(tmp_path / "d")})
+    with pytest.raises(common.UserError, match="both pick"):
+        wikitext.check_splits(cfg)
+
+
+def test_too_few_ngram_counts_is_an_error_not_an_estimate(tmp_path):
+    """theory.py on a 9-token corpus divided by zero; on a tiny one it wrote t* = 0.5 from weights {2: 1}."""
+    with pytest.raises(ValueError, match="too few counts"):
+        theory.ngram_weights(list(range(9)) * 2)
+    import numpy as np
+    with pytest.raises(ValueError, match="no 2-gram seen 5 times"):      # each token ~6 times, no pair 5 times
+        theory.ngram_weights(np.random.default_rng(0).integers(0, 10, 60))
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("the cat sat on the mat. " * 3)
+    msg = one_line_error(theory.main, ["--corpus", str(corpus), "--tokenizer-file", RANKS, "--draws", "100",
+                                       "--out-dir", str(tmp_path / "t"), "--no-plot"])
+    assert "too few counts" in msg
+
+
+@pytest.mark.parametrize("args,want", [
+    (["--t1", "0"], "--t1 0 masks nothing"),
+    (["--hidden", "0"], "--hidden must be positive"), (["--hidden", "-3"], "--hidden must be positive"),
+    (["--model", "transformer", "--d-model", "0"], "--d-model must be positive"),
+    (["--model", "transformer", "--n-layer", "0"], "--n-layer must be positive"),
+    (["--model", "transformer", "--n-head", "0"], "--n-head must be positive"),
+    (["--model", "transformer", "--mlp-hidden", "-1"], "--mlp-hidden must be positive"),
+    (["--stop-acc", "-1"], "--stop-acc must be above chance"), (["--threads", "-1"], "--threads must be >= 0"),
+    (["--n", "200", "--k", "2"], "n must be at most 62"), (["--device", "mps"], "no MPS device"),
+    (["--compare", "--label-steps", "-5"], "--label-steps must be positive"),
+])
+def test_degenerate_parity_settings_write_no_summary(tmp_path, args, want):
+    msg = one_line_error(parity.main, PARITY + ["--out-dir", str(tmp_path / "o"), *args])
+    assert want in msg and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 40)])
+@pytest.mark.parametrize("script", ["parity.py", "wikitext.py", "pretrain_8b.py", "theory.py", "eval_8b.py"])
+def test_one_rule_for_the_seed(tmp_path, script, seed):
+    args = {"parity.py": ["--max-steps", "1"], "wikitext.py": ["--preset", "tiny"],
+            "pretrain_8b.py": ["--preset", "tiny", "--dry-run"], "theory.py": ["--draws", "10"],
+            "eval_8b.py": ["--tasks", "arc_easy"]}[script]
+    msg = script_error(script, [*args, "--seed", seed, "--out-dir", str(tmp_path / "o")], cwd=tmp_path)
+    assert f"--seed must be an integer in [0, 2^31), got {seed}" in msg
+
+
+@pytest.mark.parametrize("args,want", [(["--plan-mfu", "0"], "--plan-mfu must be positive"),
+                                       (["--plan-mfu", "-0.4"], "--plan-mfu must be positive"),
+                                       (["--plan-mfu", "40"], "is a fraction of the peak"),
+                                       (["--world-size", "-1"], "--world-size must be positive"),
+                                       (["--benchmark", "--bench-steps", "0"], "--bench-steps must be positive"),
+                                       (["--benchmark", "--bench-layers", "-1"], "--bench-layers must be >= 0")])
+def test_plan_and_benchmark_flags_are_checked(tmp_path, args, want):
+    assert want in script_error("pretrain_8b.py", ["--dry-run", "--no-trace", *args], cwd=tmp_path)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """parity printed torch's `[enforce fail at inline_container.cc:672]` and left ckpt.pt.tmp behind."""
+    out = tmp_path / "run"
+    parity.main(PARITY + ["--out-dir", str(out), "--eval-every", "2"])
+    good = (out / "ckpt.pt").read_bytes()
+    real = torch.save
+
+    def full_disk(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    msg = one_line_error(parity.main, PARITY + ["--out-dir", str(out), "--eval-every", "2", "--resume",
+                                                "--max-steps", "8", "--allow-change", "max_steps"])
+    monkeypatch.setattr(torch, "save", real)
+    assert msg.startswith(f"error: could not write {out / 'ckpt.pt'}") and "free space" in msg
+    assert f"the last complete checkpoint is {out / 'ckpt.pt'} (step 4), intact: continue with --resume" in msg
+    assert (out / "ckpt.pt").read_bytes() == good and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("env,want", [({"WORLD_SIZE": "2"}, "sets WORLD_SIZE=2 but not RANK"),
+                                      ({"RANK": "1"}, "sets RANK=1 but not WORLD_SIZE"),
+                                      ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"},
+                                       "but not MASTER_PORT")])
+def test_stale_launcher_variables_are_one_line_not_a_silent_wait(tmp_path, env, want):
+    r = run_script("pretrain_8b.py", ["--preset", "tiny", "--device", "cpu", "--out-dir", str(tmp_path / "o")], tmp_path,
+                   env={**ENV, **env})
+    assert r.returncode == 1 and r.stderr.startswith("error: the environment") and want in r.stderr, r.stderr
+
+
+def test_a_world_that_never_meets_is_one_line_within_the_timeout(tmp_path):
+    from common import free_port
+    env = {**ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    r = run_script("wikitext.py", ["--preset", "tiny", "--dist-timeout", "2", "--out-dir", str(tmp_path / "o")],
+                   tmp_path, env=env, timeout=120)
+    assert r.returncode == 1 and "did not meet within --dist-timeout 2s" in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_sigterm_names_the_last_checkpoint_and_the_command_that_continues(tmp_path):
+    """Ctrl-C or a scheduler's SIGTERM: one line with the last complete checkpoint and the --resume command."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "parity.py"), *PARITY[:-3], "--max-steps", "100000",
+                             "--eval-every", "2", "--stop-acc", "2", "--no-plot", "--out-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=ENV)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("stopped (SIGTERM); the last complete checkpoint is ") and str(out / "ckpt.pt") in line
+    assert line.endswith("--resume") and "continue with: python parity.py" in line
+
+
+def test_a_bug_keeps_its_traceback():
+    """run_cli turned every ValueError, torch's included, into one line; only a UserError is the user's."""
+    def bug():
+        torch.zeros(2).view(3)              # a RuntimeError of torch's: a bug, not the user's
+    with pytest.raises(RuntimeError):
+        common.run_cli(bug)
+    with pytest.raises(ValueError, match="not the user's"):
+        common.run_cli(lambda: (_ for _ in ()).throw(ValueError("a ValueError of ours: not the user's")))
+
+
+@needs_data
+def test_wikitext_under_torchrun_agrees_on_an_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "wikitext.py"), *wikitext_args(tmp_path, "--out-dir", str(tmp_path / "o"),
+                                                                          "--train-split", "nosuchsplit")],
+                       capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    ours = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(ours) == 1 and "no *nosuchsplit*" in ours[0], r.stderr[-2000:]
+
+
+def test_unreadable_text_names_the_file_and_line(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.txt").write_bytes(b"fine line\nsecond\n\xff\xfe bad\n")
+    with pytest.raises(common.UserError, match=r"train.txt is not UTF-8 text \(line 3"):
+        common.read_text(str(tmp_path / "d" / "train.txt"), "--data file")
+
+
+@pytest.mark.parametrize("item,want", [({"choices": {"text": [], "label": []}}, "has no choices"),
+                                       ({"choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "C"},
+                                        "answerKey 'C', not among its labels")])
+def test_arc_items_lenient_lm_eval_would_misread_are_refused(tmp_path, item, want):
+    path = tmp_path / "ARC-Easy-test.jsonl"
+    path.write_text(json.dumps({"id": "q1", "question": "?", "answerKey": "A", **item}) + "\n")
+    with pytest.raises(common.UserError, match=want):
+        eval_8b.check_task_file(str(path))
+
+
+def test_a_tokenizer_without_mask_is_told_how_to_fix_it():
+    from tokenizers import Tokenizer, models
+    tok = Tokenizer(models.WordLevel({"a": 0, "<|endoftext|>": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    import fsdp
+    with pytest.raises(common.UserError, match="add it as a special token"):
+        fsdp.token_ids(tok)
