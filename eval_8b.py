@@ -40,6 +40,7 @@ except ImportError:
 
 SCRIPT = "eval_8b.py"
 GATED = {"gpqa": "Idavidrein/gpqa"}        # Hub datasets behind terms of use: accept them, then log in
+LM_EVAL_SEED = 1234      # lm-eval's own default seeds (few-shot sampling, its RNGs): LLaDA's runs use them
 RANK_WAIT = timedelta(days=2)     # how long a rank waits for the others between request types (MATH: ~5.6 h a rank)
 # LLaDA's published lm-eval settings (its eval_llada.sh): few-shot count (None: the task's own),
 # Monte Carlo draws, classifier-free guidance; generation as §F.6 fixes it (512 tokens in 512 steps).
@@ -97,7 +98,7 @@ class MaskedDiffusionLM(LM or object):
 
     def __init__(self, model, tok, ids, device, mc_num=128, mc_batch=32, cfg=0.0, gen_length=512, steps=512,
                  block_length=512, batch_size=8, logits_eos_inf=False, confidence_eos_eot_inf=False,
-                 chat=False, seed=1234, checkpoint="the model"):
+                 chat=False, seed=LM_EVAL_SEED, checkpoint="the model"):
         super().__init__()
         self.model, self.tok, self.ids, self._device = model, tok, ids, device
         self.mc_num, self.mc_batch, self.cfg, self.seed, self.checkpoint = mc_num, mc_batch, cfg, seed, checkpoint
@@ -548,8 +549,9 @@ def score_task(lm, manager, t, name, settings):
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=[name], num_fewshot=settings["num_fewshot"],
                                       limit=settings["limit"], task_manager=manager, log_samples=False,
-                                      apply_chat_template=lm.chat, fewshot_as_multiturn=lm.chat, random_seed=1234,
-                                      numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
+                                      apply_chat_template=lm.chat, fewshot_as_multiturn=lm.chat,
+                                      random_seed=LM_EVAL_SEED, numpy_random_seed=LM_EVAL_SEED,
+                                      torch_random_seed=LM_EVAL_SEED, fewshot_random_seed=LM_EVAL_SEED)
     except Exception as e:                  # lm-eval's own code failed on this rank: the others must hear of it
         lm.fail(e)
         raise
@@ -726,7 +728,8 @@ def parse_args(argv):
                                                    "summary.json (default: out/eval/<checkpoint>_<tasks>_<protocol>)")
     p.add_argument("--resume", action="store_true", help="continue an evaluation into its --out-dir: tasks scored "
                                                          "already, with the same settings and weights, are kept")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the likelihood draws and sampling (%(default)s)")
+    p.add_argument("--seed", type=int, default=LM_EVAL_SEED, help="seed of the likelihood draws and sampling "
+                                                                   "(%(default)s)")
     common.add_dist_args(p)
     p.add_argument("--benchmark", action="store_true", help="tokens/s of generate on a random model of --preset")
     p.add_argument("--preset", default="tiny", choices=sorted(model_lib.PRESETS), help="--benchmark model (%(default)s)")

@@ -869,6 +869,20 @@ def add_run_args(p, cls, figure, **defaults):
                    help="--dry-run: the arithmetic alone, without tracing a step on fake tensors")
 
 
+def run_training(train, cfg, a, out_dir, device, compile_model, headline):
+    """main()'s run in pretrain_8b.py and sft_8b.py: train, then on rank 0 the headline of its summary
+    (or, for a finished run given again, where its result is); the groups torn down whatever happens."""
+    try:
+        summary = train(cfg, out_dir, device=device, resume=a.resume, compile_model=compile_model,
+                        export_dir=a.export, plot=a.plot, allow_change=a.allow_change, timeout_s=a.dist_timeout)
+        if summary == "done" and common.rank() == 0:
+            print(common.already_done(out_dir, ("test_loss", "steps")))
+        elif summary and summary != "done":
+            print(f"{headline(summary)}; wrote {out_dir}/summary.json, {a.export or os.path.join(out_dir, 'export')}")
+    finally:
+        teardown()
+
+
 def check_config(cfg, world):
     """User errors that every rank finds alike, before any work (pre-training's and SFT's settings)."""
     common.check_optimizer(cfg)

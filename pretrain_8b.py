@@ -417,27 +417,21 @@ def main(argv=None):
         return
     device = common.pick_device(a.device)
     compile_model = device.startswith("cuda") if a.compile is None else a.compile    # on by default on GPUs
-    out_dir = a.out_dir or default_out_dir(cfg, a.preset)
-    try:
-        if a.benchmark:
+    if a.benchmark:
+        try:
             out = plan.benchmark(cfg, device, compile_model, a.bench_layers, a.bench_steps, timeout_s=a.dist_timeout,
                                  traced=a.bench_trace)
             if common.rank() == 0:
                 bench_dir = a.out_dir or os.path.join("out", "pretrain", f"benchmark_{a.preset}")
                 common.prepare_out_dir(bench_dir)
                 common.write_json(os.path.join(bench_dir, "benchmark.json"), out)
-            return
-        summary = train(cfg, out_dir, device=device, resume=a.resume, compile_model=compile_model,
-                        export_dir=a.export, plot=a.plot, allow_change=a.allow_change, timeout_s=a.dist_timeout)
-        if summary == "done":
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(common.already_done(out_dir, ("test_loss", "steps")))
-        elif summary:
-            print(f"{fsdp.describe(cfg)}: held-out NLL {summary['test_loss']:.4f} nats/token after {summary['steps']} "
-                  f"steps ({summary['tokens']:,} tokens, {summary['seconds']:.0f}s); wrote {out_dir}/summary.json, "
-                  f"{a.export or os.path.join(out_dir, 'export')}")
-    finally:
-        fsdp.teardown()
+        finally:
+            fsdp.teardown()
+        return
+    out_dir = a.out_dir or default_out_dir(cfg, a.preset)
+    fsdp.run_training(train, cfg, a, out_dir, device, compile_model, lambda s: (
+        f"{fsdp.describe(cfg)}: held-out NLL {s['test_loss']:.4f} nats/token after {s['steps']} steps "
+        f"({s['tokens']:,} tokens, {s['seconds']:.0f}s)"))
 
 
 if __name__ == "__main__":

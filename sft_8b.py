@@ -353,18 +353,9 @@ def main(argv=None):
     device = common.pick_device(a.device)
     compile_model = device.startswith("cuda") if a.compile is None else a.compile    # on by default on GPUs
     out_dir = a.out_dir or default_out_dir(cfg, a.preset)
-    try:
-        summary = train(cfg, out_dir, device=device, resume=a.resume, compile_model=compile_model,
-                        export_dir=a.export, plot=a.plot, allow_change=a.allow_change, timeout_s=a.dist_timeout)
-        if summary == "done":
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(common.already_done(out_dir, ("test_loss", "steps")))
-        elif summary:
-            print(f"SFT {fsdp.describe(cfg)}: held-out answer NLL {summary['test_loss']:.4f} nats/token after "
-                  f"{summary['steps']} steps ({summary['seconds']:.0f}s); wrote {out_dir}/summary.json, "
-                  f"{a.export or os.path.join(out_dir, 'export')}")
-    finally:
-        fsdp.teardown()
+    fsdp.run_training(train, cfg, a, out_dir, device, compile_model, lambda s: (
+        f"SFT {fsdp.describe(cfg)}: held-out answer NLL {s['test_loss']:.4f} nats/token after {s['steps']} steps "
+        f"({s['seconds']:.0f}s)"))
 
 
 if __name__ == "__main__":

@@ -730,3 +730,20 @@ def test_a_tokenizer_without_mask_is_told_how_to_fix_it():
     import fsdp
     with pytest.raises(common.UserError, match="add it as a special token"):
         fsdp.token_ids(tok)
+
+
+def test_the_md_step_and_the_schedule_are_written_once_and_model_py_is_the_network_alone():
+    """Issue 27: one MD training step (masking.md_step_loss) and one schedule (common.lr_at) serve
+    every script, none defines its own; model.py holds no parallelism (FSDP, checkpointing, DTensor:
+    fsdp.parallelize's)."""
+    import ast
+    for name in ("parity", "wikitext", "pretrain_8b", "sft_8b", "eval_8b", "fsdp", "plan"):
+        tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+        calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert not defined & {"md_micro_loss", "md_step_loss", "sample_t", "mask_tokens"}, name
+        if name in ("wikitext", "fsdp", "plan"):
+            assert "md_step_loss" in calls, name
+    model_src = open(os.path.join(ROOT, "model.py")).read()
+    for word in ("torch.distributed", "fully_shard", "DTensor", "checkpoint(", "shard_like"):
+        assert word not in model_src, word
