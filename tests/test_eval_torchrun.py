@@ -202,3 +202,14 @@ def test_an_evaluation_never_writes_into_another_scripts_folder(tmp_path):
     assert r.returncode == 1 and "holds a run of pretrain_8b.py, not of eval_8b.py" in error_lines(r)[0]
     assert json.load(open(run_dir / "summary.json")) == {"script": "pretrain_8b.py", "steps": 9}
     assert sorted(os.listdir(run_dir)) == ["run.json", "summary.json"]
+
+
+def test_a_mask_id_that_is_a_real_token_is_refused_naming_the_config(tmp_path):
+    """Issue 25.6: config.json's mask_token_id on a real token ('A' = 65 of the byte tokenizer)."""
+    ckpt = export(tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    (tmp_path / "export" / "config.json").write_text(json.dumps({**config, "mask_token_id": 65}))
+    r = evaluate(tmp_path, "--checkpoint", ckpt, "--tasks", "arc_challenge", "--limit", "2",
+                 "--out-dir", str(tmp_path / "eval"))
+    assert r.returncode == 1 and len(error_lines(r)) == 1, r.stderr[-2000:]
+    assert f"{tmp_path / 'export' / 'config.json'}: mask_token_id: mask id 65 is a real token" in error_lines(r)[0]
