@@ -552,16 +552,17 @@ def score_task(lm, manager, t, name, settings):
                                       apply_chat_template=lm.chat, fewshot_as_multiturn=lm.chat,
                                       random_seed=LM_EVAL_SEED, numpy_random_seed=LM_EVAL_SEED,
                                       torch_random_seed=LM_EVAL_SEED, fewshot_random_seed=LM_EVAL_SEED)
-    except Exception as e:                  # lm-eval's own code failed on this rank: the others must hear of it
+        result = raw = None
+        if out is not None:            # rank 0: lm-eval's output, made a result (nothing scored: an error)
+            raw = json.loads(json.dumps(dict(results=out["results"], configs=out.get("configs"),
+                                             versions=out.get("versions"), n_samples=out.get("n-samples"),
+                                             group_subtasks=out.get("group_subtasks")), default=str))
+            result = make_result(t, name, raw, settings, round(time.time() - start, 1), lm.truncated)
+    except Exception as e:             # on this rank (inside lm-eval, or after it): the others must hear of it
         lm.fail(e)
         raise
-    common.agree(None, group=lm.group)      # ... or they on theirs
-    if out is None:
-        return None, None
-    raw = json.loads(json.dumps(dict(results=out["results"], configs=out.get("configs"), versions=out.get("versions"),
-                                     n_samples=out.get("n-samples"), group_subtasks=out.get("group_subtasks")),
-                                default=str))
-    return make_result(t, name, raw, settings, round(time.time() - start, 1), lm.truncated), raw
+    common.agree(None, group=lm.group)      # ... or this rank of theirs
+    return result, raw
 
 
 def items_scored(raw, name):

@@ -168,11 +168,6 @@ def data_files(cfg):
     return common.broadcast(common.on_every_rank(listing))
 
 
-def replace_seed(cfg, seed):
-    from dataclasses import replace
-    return replace(cfg, seed=seed)
-
-
 def open_documents(builder, files):
     """The document stream over `files` in this order, a `datasets` IterableDataset read lazily."""
     import datasets

@@ -1,5 +1,6 @@
 """pretrain_8b.py at tiny scale on CPU: FSDP2 under torchrun (gloo), sharded checkpoints, the data
 slots, export, the plan, and one-line errors on every rank. Nothing is downloaded."""
+import dataclasses
 import json
 import math
 import os
@@ -396,7 +397,7 @@ def test_dclm_layout_of_zstd_shards_is_read_whole_in_an_order_shuffled_by_the_se
     assert builder == "json" and len(files) == 6 and all(f.endswith(".jsonl.zstd") for f in files)
     assert files != sorted(files) and sorted(files) == sorted(pretrain_8b.local_files(cfg.data)[1])
     assert files == pretrain_8b.data_files(cfg)[1]                                   # a function of the seed
-    assert pretrain_8b.data_files(pretrain_8b.replace_seed(cfg, 1))[1] != files
+    assert pretrain_8b.data_files(dataclasses.replace(cfg, seed=1))[1] != files
     ds = pretrain_8b.open_documents(builder, files)
     read = [d for i in range(4) for d in pretrain_8b.documents(pretrain_8b.slot_stream(ds, i, 4), cfg, "test", {})]
     assert sorted(read) == sorted(docs)
