@@ -584,6 +584,10 @@ def test_too_few_ngram_counts_is_an_error_not_an_estimate(tmp_path):
     import numpy as np
     with pytest.raises(ValueError, match="no 2-gram seen 5 times"):      # each token ~6 times, no pair 5 times
         theory.ngram_weights(np.random.default_rng(0).integers(0, 10, 60))
+
+
+@needs_data
+def test_theory_on_a_tiny_corpus_is_one_line(tmp_path):
     corpus = tmp_path / "tiny.txt"
     corpus.write_text("the cat sat on the mat. " * 3)
     msg = one_line_error(theory.main, ["--corpus", str(corpus), "--tokenizer-file", RANKS, "--draws", "100",
