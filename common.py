@@ -383,6 +383,11 @@ def folder_owner(out_dir):
     return "another script or an older version" if entries else None
 
 
+def same_settings(saved, now, ignore=()):
+    """Two runs' settings alike, bookkeeping (`ignore`) aside."""
+    return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in now.items() if k not in ignore}
+
+
 def finished_settings(out_dir):
     """The settings of the finished run in --out-dir (its summary.json), or None."""
     path = os.path.join(out_dir, "summary.json")
@@ -415,9 +420,7 @@ def claim_out_dir(out_dir, script, settings, *, resume, has_checkpoint, ignore=(
     if owner != script:
         raise UserError(f"--out-dir {out_dir} holds a run of {owner}, not of {script}; choose another --out-dir")
     done = finished_settings(out_dir)
-    same = lambda saved: saved is not None and {k: v for k, v in saved.items() if k not in ignore} == \
-        {k: v for k, v in settings.items() if k not in ignore}
-    if same(done):
+    if done is not None and same_settings(done, settings, ignore):
         return "done"
     if not resume:
         raise UserError(f"--out-dir {out_dir} holds an earlier run of {script}; pass --resume to continue it, or "
@@ -429,6 +432,33 @@ def claim_out_dir(out_dir, script, settings, *, resume, has_checkpoint, ignore=(
                         f"from; choose another --out-dir")
     print(f"--resume: no checkpoint in {out_dir} yet; starting a fresh run", flush=True)
     return "fresh"
+
+
+def take_out_dir(out_dir):
+    """Create --out-dir (proved writable) and take its lock; returns the lock's path."""
+    prepare_out_dir(out_dir)
+    return lock_out_dir(out_dir)
+
+
+def claim_collection(out_dir, kind, settings):
+    """A folder of runs and their table (parity.py --compare / --ladder, wikitext.py --sweep): refused
+    where another script's (or another kind of) run lives, since its summary would be written over;
+    taken and marked as `kind`'s otherwise. Returns the lock's path."""
+    owner = folder_owner(out_dir)
+    if owner not in (None, kind):
+        raise UserError(f"--out-dir {out_dir} holds a run of {owner}, not of {kind}; choose another --out-dir")
+    lock = take_out_dir(out_dir)
+    mark_run(out_dir, kind, settings)
+    return lock
+
+
+def finished_run(out_dir):
+    """(summary, history) of the finished run in out_dir, the summary marked done=True: what a run
+    given again returns instead of training."""
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(out_dir, "history.json")) as f:
+        return dict(summary, done=True), json.load(f)
 
 
 def mark_run(out_dir, script, settings):

@@ -823,8 +823,7 @@ def claim(out_dir, settings, resume, rank):
         state = common.claim_out_dir(out_dir, SCRIPT, settings, resume=resume,
                                      has_checkpoint=os.path.isdir(os.path.join(out_dir, "results")))
         if state != "done":
-            common.prepare_out_dir(out_dir)
-            common.lock_out_dir(out_dir)
+            common.take_out_dir(out_dir)
             common.mark_run(out_dir, SCRIPT, settings)
         return state
     return common.broadcast(common.on_every_rank(decide))
@@ -863,9 +862,8 @@ def remove_unscored(out_dir):
         return
     for name in ("results", "tasks"):
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    for name in (common.RUN_FILE,):
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
+    if os.path.exists(os.path.join(out_dir, common.RUN_FILE)):
+        os.remove(os.path.join(out_dir, common.RUN_FILE))
 
 
 def instruct_tokens(tok):

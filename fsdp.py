@@ -83,9 +83,8 @@ def check_shared(out_dir):
 
 # ----------------------------------------------------------------------------- tokenizer
 
-SPECIALS = ["<|endoftext|>", "<|mdm_mask|>", "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>",
-            "<|eot_id|>"]       # LLaDA's EOS, MASK, BOS and chat-template tokens
 CHAT_MARKERS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+SPECIALS = ["<|endoftext|>", "<|mdm_mask|>", "<|startoftext|>", *CHAT_MARKERS]    # LLaDA's EOS, MASK, BOS, chat
 # LLaDA-8B-Base's tokenizer_config.json lists added tokens up to 126345 and no chat markers; LLaDA-8B-
 # Instruct's sampler ends a turn at <|eot_id|> = 126348. Added in the template's order after 126345, the
 # three markers get 126346, 126347 and 126348: the last is the id LLaDA's generate.py uses.
@@ -143,8 +142,8 @@ def chat_tokens(tok):
     what is missing. Returns {marker: id}."""
     from tokenizers import AddedToken
     missing = [m for m in CHAT_MARKERS if tok.token_to_id(m) is None]
-    if len(missing) == len(CHAT_MARKERS) and token_ids(tok, model_lib.get_config("llada-8b"))["vocab"] == \
-            LLADA_EOT - len(CHAT_MARKERS) + 1:
+    next_id = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+    if len(missing) == len(CHAT_MARKERS) and next_id == LLADA_EOT - len(CHAT_MARKERS) + 1:
         tok.add_special_tokens([AddedToken(m, special=True) for m in CHAT_MARKERS])
         if tok.token_to_id("<|eot_id|>") != LLADA_EOT:
             raise RuntimeError("the chat markers were added with other ids than LLaDA-Instruct's")
@@ -355,7 +354,7 @@ def train_loop(cfg, model, opt, slots, batches, evaluate, out_dir, device, ce_fn
     progress, t_log = common.Progress(cfg.max_steps, start=step), time.time()
     sums, lengths = torch.zeros(3, device=device), []          # loss, masked share, skipped steps
     feed = Prefetch(batches, slots, step, cfg.max_steps)
-    common.LAST_CHECKPOINT_NOTE = lambda: f"the last complete checkpoint is {(checkpoints(out_dir) or ['none'])[-1]}"
+    common.LAST_CHECKPOINT_NOTE = lambda: f"the last complete checkpoint is {newest_complete(out_dir)}"
     while step < cfg.max_steps:
         lr = common.lr_at(step, cfg.lr, warmup=cfg.warmup, max_steps=cfg.max_steps, schedule=cfg.schedule,
                           min_lr=cfg.min_lr, decay_frac=cfg.decay_frac)
@@ -421,7 +420,7 @@ def check_step(sums, lengths, step, world, out_dir, device):
     if skipped or not math.isfinite(loss_val):
         raise common.UserError(f"the training loss became {loss_val} by step {step}; stopped (the non-finite step "
                                f"did not reach the weights). The last complete checkpoint is "
-                               f"{(checkpoints(out_dir) or ['none'])[-1]}; lower --lr or check the data")
+                               f"{newest_complete(out_dir)}; lower --lr or check the data")
     return loss_val, frac
 
 
@@ -519,6 +518,10 @@ def checkpoints(out_dir):
     return sorted(os.path.join(out_dir, d) for d in names if d.startswith("step_") and not d.endswith(".tmp"))
 
 
+def newest_complete(out_dir):
+    return (checkpoints(out_dir) or ["none"])[-1]
+
+
 def latest_checkpoint(out_dir):
     """The newest complete checkpoint, as rank 0 sees it, on every rank (nodes may list a shared file
     system at different moments)."""
@@ -598,17 +601,16 @@ def complete_saves(block=False):
         dist.all_reduce(done, op=dist.ReduceOp.MIN, group=common.CONTROL)
     if not done.item():
         return
-    failure = None
+    error = None
     for p in PENDING:
         try:
             upload(p).result()
         except (Exception, dist.checkpoint.api.CheckpointException) as e:     # the latter is a BaseException
-            failure = failure or common.failure_of(save_error(e, p["final"]))
+            error = error or save_error(e, p["final"])
     try:
-        if dist.get_world_size() > 1:
-            common.agree(failure)
-        elif failure:
-            raise common.UserError(failure[1]) if failure[0] == "user" else RuntimeError(failure[1])
+        common.agree(None if error is None else common.failure_of(error))
+        if error is not None:
+            raise error                      # a world of one: agree() is no collective there
     except BaseException:
         if dist.get_rank() == 0:
             for p in PENDING:
@@ -740,8 +742,7 @@ def prepare_run(script, out_dir, export_dir, resume, settings, rank, allow_chang
             check_resumable(latest, read_extra(latest), settings, allow_change)
         if state != "done":
             check_export_path(export_dir or os.path.join(out_dir, "export"), out_dir)
-            common.prepare_out_dir(out_dir)
-            common.lock_out_dir(out_dir)
+            common.take_out_dir(out_dir)
         return state
     state = common.broadcast(common.on_every_rank(decide))
     if state != "done":

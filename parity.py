@@ -323,9 +323,8 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
         state = common.claim_out_dir(out_dir, SCRIPT, asdict(cfg), resume=resume, has_checkpoint=os.path.exists(
             ckpt_path), ignore=("threads",))
         if state == "done":
-            return finished_run(out_dir)
-        common.prepare_out_dir(out_dir)
-        lock = common.lock_out_dir(out_dir)
+            return common.finished_run(out_dir)
+        lock = common.take_out_dir(out_dir)
     try:
         return run_training(cfg, out_dir, device, resume, compile, dry_run, quiet, allow_change, ckpt_path)
     finally:
@@ -371,13 +370,6 @@ def run_training(cfg, out_dir, device, resume, compile, dry_run, quiet, allow_ch
         common.write_json(os.path.join(out_dir, "history.json"), run["history"])
         common.write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary, run["history"]
-
-
-def finished_run(out_dir):
-    with open(os.path.join(out_dir, "summary.json")) as f:
-        summary = json.load(f)
-    with open(os.path.join(out_dir, "history.json")) as f:
-        return dict(summary, done=True), json.load(f)
 
 
 def build_run(cfg, device, compile):
@@ -599,8 +591,8 @@ def run_jobs(todo, jobs, what):
     for cfg, run_dir, _ in todo:
         if (cfg, run_dir, _) not in pending:
             with open(os.path.join(run_dir, "summary.json")) as f:
-                done = {k: v for k, v in json.load(f)["settings"].items() if k != "threads"}
-            if done != {k: v for k, v in asdict(cfg).items() if k != "threads"}:
+                done = json.load(f)["settings"]
+            if not common.same_settings(done, asdict(cfg), ignore=("threads",)):
                 raise common.UserError(f"{run_dir} holds a run with other settings; use another --out-dir")
     print(f"{what}: {len(todo)} runs ({len(todo) - len(pending)} already done), {jobs} at a time", flush=True)
     if jobs > 1:
@@ -631,20 +623,10 @@ def table(rows):
     return out
 
 
-def claim_collection(out_dir, kind, settings):
-    """--compare and --ladder write a folder of runs and their table: refused where another script's
-    (or another kind of) run lives, since their summary would be written over it."""
-    owner = common.folder_owner(out_dir)
-    if owner not in (None, kind):
-        raise common.UserError(f"--out-dir {out_dir} holds a run of {owner}, not of {kind}; choose another --out-dir")
-    common.prepare_out_dir(out_dir)
-    common.lock_out_dir(out_dir)
-    common.mark_run(out_dir, kind, settings)
-
-
 def compare(base, intervals, seeds, out_dir, device, jobs, label_steps):
     """Fig. 2 / 6: label and md U[0, t1] for each t1, for each seed; finished runs are reused."""
-    claim_collection(out_dir, "parity.py --compare", dict(settings=asdict(base), intervals=intervals, seeds=seeds))
+    common.claim_collection(out_dir, "parity.py --compare", dict(settings=asdict(base), intervals=intervals,
+                                                                 seeds=seeds))
     todo, rows, histories = [], [], {}
     for seed in seeds:
         for objective, t1 in [("label", base.t1)] + [("md", t1) for t1 in intervals]:
@@ -711,7 +693,7 @@ def fit_growth(points):
 def ladder(base, tasks, seeds, out_dir, device, jobs):
     """Steps to 95% validation for label-only and MD over a ladder of small (n, k) tasks, several
     seeds each, the same model and optimiser; the growth fitted and extrapolated to (20, 6)."""
-    claim_collection(out_dir, "parity.py --ladder", dict(settings=asdict(base), tasks=tasks, seeds=seeds))
+    common.claim_collection(out_dir, "parity.py --ladder", dict(settings=asdict(base), tasks=tasks, seeds=seeds))
     todo = [(ladder_config(base, n, k, objective, seed),
              os.path.join(out_dir, f"lad_{objective}_n{n}k{k}_s{seed}"), device)
             for n, k in tasks for seed in seeds for objective in ("label", "md")]

@@ -155,6 +155,11 @@ def fits(traced_total, gpu_gib):
     return traced_total + ALLOWANCE_GIB < 0.9 * gpu_gib
 
 
+def auto_policy(peaks, gpu_gib):
+    """The first policy of {policy: trace} (cheapest first) that fits; full when none does."""
+    return next((p for p, t in peaks.items() if fits(t["total"], gpu_gib)), "full")
+
+
 def choose_ac(cfg, world, device, model_cfg=None):
     """--ac auto: on a GPU, the cheapest policy in recomputation (none, then selective, then full)
     whose traced peak plus the allowance fits 90% of --gpu-gib, for the model the run builds
@@ -167,7 +172,7 @@ def choose_ac(cfg, world, device, model_cfg=None):
 
     def decide():
         peaks = traced_peaks(mc, cfg, world, POLICIES, stop_when_fits=True)
-        return next((p for p, t in peaks.items() if fits(t["total"], cfg.gpu_gib)), "full")
+        return auto_policy(peaks, cfg.gpu_gib)
     return common.broadcast(decide() if common.rank() == 0 else None)
 
 
@@ -203,7 +208,7 @@ def plan(cfg, world, mfu, peak=989e12, paper_hours=None, model_cfg=None, traced=
                total_hours=step_s * cfg.max_steps / 3600, gib=parts, total_gib=totals, evaluation_gib=evaluation)
     if traced:
         out["traced_gib"] = print_traces(cfg, world, mc, totals)
-        out["ac_auto"] = next((p for p, t in out["traced_gib"].items() if fits(t["total"], cfg.gpu_gib)), "full")
+        out["ac_auto"] = auto_policy(out["traced_gib"], cfg.gpu_gib)
         print(f"--ac auto picks {out['ac_auto']}: the cheapest policy whose traced peak + {ALLOWANCE_GIB:g} GiB "
               f"allowance fits 90% of {cfg.gpu_gib:g} GiB (selective repeats the elementwise ops, full a whole "
               f"forward of each block, ~25% of the step)")

@@ -161,11 +161,16 @@ def data_files(cfg):
         if common.rank() != 0:
             return None
         builder, files = local_files(cfg.data) if cfg.data else hub_files(cfg.dataset)
-        stats = [(os.path.relpath(f, cfg.data) if os.path.isdir(cfg.data) else f, os.path.getsize(f),
-                  os.stat(f).st_mtime_ns) for f in files] if cfg.data else files
+        stats = [(os.path.relpath(f, cfg.data) if os.path.isdir(cfg.data) else f, *file_stat(f)) for f in files] \
+            if cfg.data else files
         random.Random(cfg.seed).shuffle(files)
         return builder, files, hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:16]
     return common.broadcast(common.on_every_rank(listing))
+
+
+def file_stat(path):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def open_documents(builder, files):

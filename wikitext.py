@@ -213,9 +213,9 @@ def check_splits(cfg):
 
 
 def build(cfg, device, compile_model):
+    """The model and the tokenizer of a run whose settings check_config has passed."""
     with common.user_input():
         model_cfg = model_lib.get_config(cfg.model)
-    check_config(cfg, model_cfg)
     enc = common.gpt2_tokenizer(cfg.tokenizer_file or None)
     with common.user_input():
         masking.check_mask_id(model_cfg.mask_id, enc.n_vocab, model_cfg.vocab_size)
@@ -259,7 +259,7 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
         state = "fresh" if dry_run else common.broadcast(common.on_every_rank(
             lambda: claim(out_dir, cfg, resume, ckpt) if rank == 0 else None))
         if state == "done":
-            return finished(out_dir)
+            return common.finished_run(out_dir)
         saved = common.on_every_rank(read_checkpoint, cfg, ckpt, allow_change) if state == "resume" else None
         run = common.on_every_rank(build_run, cfg, device, compile_model, world, rank)
         if saved is not None:
@@ -278,16 +278,8 @@ def claim(out_dir, cfg, resume, ckpt):
     state = common.claim_out_dir(out_dir, SCRIPT, asdict(cfg), resume=resume, has_checkpoint=os.path.exists(ckpt),
                                  ignore=BOOKKEEPING)
     if state != "done":
-        common.prepare_out_dir(out_dir)
-        common.lock_out_dir(out_dir)
+        common.take_out_dir(out_dir)
     return state
-
-
-def finished(out_dir):
-    with open(os.path.join(out_dir, "summary.json")) as f:
-        summary = json.load(f)
-    with open(os.path.join(out_dir, "history.json")) as f:
-        return dict(summary, done=True), json.load(f)
 
 
 def build_run(cfg, device, compile_model, world, rank):
@@ -478,19 +470,12 @@ def sweep(cfg, intervals, out_dir, device, compile_model, argv, timeout_s=600.0)
     GPUs the runs are spread over them, one process per GPU."""
     if len(set(intervals)) < len(intervals):
         raise common.UserError(f"--intervals names an interval twice: {intervals}")
-    owner = common.folder_owner(out_dir)
-    if owner not in (None, SWEEP_KIND):
-        raise common.UserError(f"--out-dir {out_dir} holds a run of {owner}, not of {SWEEP_KIND}; choose another "
-                               f"--out-dir")
     for t0, t1 in intervals:
         done = common.finished_settings(run_dir(out_dir, t0, t1))
-        want = {k: v for k, v in asdict(replace(cfg, t0=t0, t1=t1)).items() if k not in BOOKKEEPING}
-        if done is not None and {k: v for k, v in done.items() if k not in BOOKKEEPING} != want:
+        if done is not None and not common.same_settings(done, asdict(replace(cfg, t0=t0, t1=t1)), BOOKKEEPING):
             raise common.UserError(f"{run_dir(out_dir, t0, t1)} holds a finished run with other settings; choose "
                                    f"another --out-dir")
-    common.prepare_out_dir(out_dir)
-    common.lock_out_dir(out_dir)
-    common.mark_run(out_dir, SWEEP_KIND, dict(settings=asdict(cfg), intervals=intervals))
+    common.claim_collection(out_dir, SWEEP_KIND, dict(settings=asdict(cfg), intervals=intervals))
     todo = [iv for iv in intervals if not os.path.exists(os.path.join(run_dir(out_dir, *iv), "summary.json"))]
     print(f"--sweep: {len(intervals)} runs, {len(intervals) - len(todo)} already done")
     n_gpu = torch.cuda.device_count() if device.startswith("cuda") else 0
