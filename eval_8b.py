@@ -28,10 +28,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-import common
-import fsdp
 import masking
 import model as model_lib
+from machinery import cli, distributed, files, llada
+from machinery.cli import UserError
+from machinery.run import Partial, Run, done_line, prepare_out_dir
 
 try:                 # lm-eval is optional (requirements-eval.txt): without it only --benchmark runs
     from lm_eval.api.model import LM
@@ -84,7 +85,7 @@ LLADA_CFG = {"LLaDA Base with CFG (LLaDA's Tab. 6)": dict(mmlu=0.659, arc_challe
 
 def require_lm_eval():
     if LM is None:
-        raise common.UserError("eval_8b.py needs lm-eval: pip install -r requirements-eval.txt")
+        raise UserError("eval_8b.py needs lm-eval: pip install -r requirements-eval.txt")
 
 
 class MaskedDiffusionLM(LM or object):
@@ -120,15 +121,15 @@ class MaskedDiffusionLM(LM or object):
         try:
             out = fn(*args)
         except Exception as e:
-            failure = common.failure_of(e)
-        common.agree(failure, group=self.group)
+            failure = distributed.failure_of(e)
+        distributed.agree(failure, group=self.group)
         return out
 
     def fail(self, e):
         """A failure in lm-eval's own code on this rank, met by the others at their next status (one
         agreed already, in agreed(), is every rank's already)."""
         if self._world_size > 1 and not getattr(e, "reported", False):
-            common.agree(common.failure_of(e), group=self.group)
+            distributed.agree(distributed.failure_of(e), group=self.group)
 
     # -- loglikelihood
 
@@ -191,7 +192,7 @@ class MaskedDiffusionLM(LM or object):
 
     def finite(self, value):
         if not math.isfinite(value):
-            raise common.UserError(f"{self.checkpoint} gives a non-finite log-likelihood ({value}): its weights hold "
+            raise UserError(f"{self.checkpoint} gives a non-finite log-likelihood ({value}): its weights hold "
                                    f"NaN or inf, or overflow in {self.model.transformer.wte.weight.dtype}; nothing "
                                    f"is scored from it")
         return value
@@ -204,7 +205,7 @@ class MaskedDiffusionLM(LM or object):
         for req in requests:
             ctx, ans = self.encode_pair(*req.args)
             if len(ans) >= block:
-                raise common.UserError(f"an answer of {len(ans)} tokens does not fit the model's block of {block}")
+                raise UserError(f"an answer of {len(ans)} tokens does not fit the model's block of {block}")
             if len(ctx) + len(ans) > block:                     # keep the context's end, and count it
                 ctx, self.truncated = ctx[len(ctx) + len(ans) - block:], self.truncated + 1
             out.append((self.log_likelihood(ctx, ans), False))  # greedy check: LLaDA's default skips it
@@ -214,7 +215,7 @@ class MaskedDiffusionLM(LM or object):
         return self.agreed(self._refuse_rolling)
 
     def _refuse_rolling(self):
-        raise common.UserError("perplexity tasks (loglikelihood_rolling) are not among the paper's; eval_8b.py does "
+        raise UserError("perplexity tasks (loglikelihood_rolling) are not among the paper's; eval_8b.py does "
                                "not score them")
 
     # -- generation
@@ -234,7 +235,7 @@ class MaskedDiffusionLM(LM or object):
         out = [None] * len(requests)
         room = self.model.cfg.block_size - self.gen["gen_length"]
         if room <= 0:
-            raise common.UserError(f"--gen-length {self.gen['gen_length']} leaves no room for a prompt in the "
+            raise UserError(f"--gen-length {self.gen['gen_length']} leaves no room for a prompt in the "
                                    f"model's block of {self.model.cfg.block_size} tokens")
         self.truncated += sum(len(p) > room for p in prompts)
         for b in range(0, len(order), self.batch_size):
@@ -265,9 +266,7 @@ class MaskedDiffusionLM(LM or object):
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True):
         """LLaDA's chat template (its tokenizer_config.json), as text."""
-        text = "<|startoftext|>" + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
-                                           f"{m['content'].strip()}<|eot_id|>" for m in chat_history)
-        return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+        return llada.chat_template(chat_history, add_generation_prompt)
 
     @property
     def tokenizer_name(self):
@@ -276,20 +275,20 @@ class MaskedDiffusionLM(LM or object):
     # -- data parallelism (lm-eval calls these when world_size > 1): status first, then the collective
 
     def all_gather(self, tensor):
-        common.agree(None, group=self.group)
+        distributed.agree(None, group=self.group)
         cpu = tensor.detach().cpu()
         parts = [torch.zeros_like(cpu) for _ in range(self.world_size)]
         dist.all_gather(parts, cpu, group=self.group)
         return (torch.stack(parts) if cpu.dim() == 0 else torch.cat(parts)).to(tensor.device)
 
     def gather_object(self, obj, dst=0):
-        common.agree(None, group=self.group)
+        distributed.agree(None, group=self.group)
         parts = [None] * self.world_size if self.rank == dst else None
         dist.gather_object(obj, parts, dst=dst, group=self.group)
         return parts
 
     def barrier(self):
-        common.agree(None, group=self.group)
+        distributed.agree(None, group=self.group)
         dist.barrier(group=self.group)
 
 
@@ -297,35 +296,24 @@ def load_model(checkpoint, device, dtype):
     """A LLaDA-format folder (or Hub id) as a plain (unsharded) model on `device`, with its tokenizer:
     its config.json checked field by field, its weights floating point and finite, its MASK id no
     real token; each a one-line error naming the file."""
-    with common.user_input():
-        folder = model_lib.checkpoint_folder(checkpoint, "--checkpoint")
-    mc = fsdp.read_model_config(folder, "--checkpoint")
+    with cli.user_input():
+        folder = llada.checkpoint_folder(checkpoint, "--checkpoint")
+    mc = llada.read_model_config(folder, "--checkpoint")
     with torch.device("meta"):
         m = model_lib.Transformer(mc)
-    with common.user_input():
-        model_lib.load_safetensors(m, folder)
-    tok = fsdp.load_tokenizer(folder)
-    ids = fsdp.token_ids(tok, mc)
+    with cli.user_input():
+        llada.load_safetensors(m, folder)
+    tok = llada.load_tokenizer(folder)
+    ids = llada.token_ids(tok, mc)
     try:
         masking.check_mask_id(mc.mask_id, ids["vocab"], mc.vocab_size, ids["special"])
     except ValueError as e:
-        raise common.UserError(f"{os.path.join(folder, 'config.json')}: mask_token_id: {e}") from None
+        raise UserError(f"{os.path.join(folder, 'config.json')}: mask_token_id: {e}") from None
     m = m.to(device=device, dtype=dtype).eval()
     bad = next((name for name, p in m.named_parameters() if not torch.isfinite(p).all()), None)
     if bad:
-        raise common.UserError(f"--checkpoint {checkpoint}: {bad} holds NaN or inf; nothing is scored from it")
+        raise UserError(f"--checkpoint {checkpoint}: {bad} holds NaN or inf; nothing is scored from it")
     return m, tok, ids
-
-
-def checkpoint_id(checkpoint):
-    """What identifies a checkpoint's content cheaply (its files' names, sizes and modification
-    times): a task scored from it is reused by --resume only for the same weights."""
-    folder = checkpoint if os.path.isdir(checkpoint) else None
-    if folder is None:
-        return checkpoint
-    files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json")))
-    return hashlib.sha1(json.dumps([(f, os.path.getsize(os.path.join(folder, f)),
-                                     os.stat(os.path.join(folder, f)).st_mtime_ns) for f in files]).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- tasks over local files
@@ -352,7 +340,7 @@ def local_tasks(data_dir, folder):
     def need(*parts):
         path = os.path.join(data_dir, *parts)
         if not os.path.exists(path):
-            raise common.UserError(f"--data-dir {data_dir} lacks {os.path.join(*parts)}")
+            raise UserError(f"--data-dir {data_dir} lacks {os.path.join(*parts)}")
         check_task_file(path)
         return os.path.abspath(path)
 
@@ -404,14 +392,14 @@ def check_task_file(path):
         with open(path, encoding="utf-8", newline="") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise common.UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
     if path.endswith(".jsonl"):
         lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         for n, line in lines:
             try:
                 item = json.loads(line)
             except ValueError:
-                raise common.UserError(f"{path}: line {n} is not JSON (truncated?)") from None
+                raise UserError(f"{path}: line {n} is not JSON (truncated?)") from None
             if isinstance(item, dict) and "answerKey" in item:
                 check_arc_item(item, path, n)
     else:
@@ -419,10 +407,10 @@ def check_task_file(path):
         lines = rows[1:]                                # after the header
         bad = next((n for n, r in enumerate(rows, 1) if len(r) != len(rows[0])), None)
         if bad:
-            raise common.UserError(f"{path}: row {bad} has {len(rows[bad - 1])} fields, the first {len(rows[0])} "
+            raise UserError(f"{path}: row {bad} has {len(rows[bad - 1])} fields, the first {len(rows[0])} "
                                    f"(truncated?)")
     if not lines:
-        raise common.UserError(f"{path} holds no items")
+        raise UserError(f"{path} holds no items")
 
 
 def check_arc_item(item, path, n):
@@ -431,10 +419,10 @@ def check_arc_item(item, path, n):
     choices = item.get("choices")
     texts, labels = (choices.get("text"), choices.get("label")) if isinstance(choices, dict) else (None, None)
     if not (isinstance(texts, list) and isinstance(labels, list) and texts and len(texts) == len(labels)):
-        raise common.UserError(f"{path}: line {n} ({item.get('id', '?')}) has no choices (text and label lists of "
+        raise UserError(f"{path}: line {n} ({item.get('id', '?')}) has no choices (text and label lists of "
                                f"one length)")
     if item["answerKey"] not in labels:
-        raise common.UserError(f"{path}: line {n} ({item.get('id', '?')}) has answerKey {item['answerKey']!r}, not "
+        raise UserError(f"{path}: line {n} ({item.get('id', '?')}) has answerKey {item['answerKey']!r}, not "
                                f"among its labels {labels}")
 
 
@@ -455,7 +443,7 @@ def mmlu_tasks(builtin, test_dir, dev_dir, write):
         test, dev = os.path.join(test_dir, f"{subject}_test.csv"), os.path.join(dev_dir, f"{subject}_dev.csv")
         for path in (test, dev):
             if not os.path.exists(path):
-                raise common.UserError(f"--data-dir lacks mmlu/{os.path.basename(os.path.dirname(path))}/"
+                raise UserError(f"--data-dir lacks mmlu/{os.path.basename(os.path.dirname(path))}/"
                                         f"{os.path.basename(path)}")
             check_task_file(path)
         write(f"mmlu_{subject}_local", dict(
@@ -481,26 +469,24 @@ def check_output_type(manager, name):
         return                     # a group: its tasks are ours, multiple-choice
     kind = entry.cfg.get("output_type")        # the task's YAML, its includes resolved
     if kind in ("loglikelihood", "loglikelihood_rolling"):
-        raise common.UserError(f"task {name} is scored from {kind} requests (is_greedy / perplexity), which "
+        raise UserError(f"task {name} is scored from {kind} requests (is_greedy / perplexity), which "
                                f"eval_8b.py does not compute")
 
 
-def task_manager(tasks, a, out_dir):
+def task_manager(tasks, a, run):
     """lm-eval's TaskManager and {our task: lm-eval's name}: the Hub tasks, or local ones over --data-dir
     (their YAMLs written by rank 0 alone; the other ranks read them after the agreement)."""
     from lm_eval.tasks import TaskManager
     names = {t: TASKS[t]["lm_eval"] for t in tasks}
     if not a.data_dir:
         return TaskManager(), names
-    folder = os.path.join(out_dir, "tasks")
-
-    def write():
-        if dist.get_rank() == 0:
-            makers, local_names = local_tasks(a.data_dir, folder)
+    folder = run.path("tasks")
+    with run.together():
+        if run.master:
+            makers, _ = local_tasks(a.data_dir, folder)
             for t in tasks:
                 makers[t]()
-        return local_task_names()
-    local = common.on_every_rank(write)
+    local = local_task_names()
     return TaskManager(include_path=folder), {t: local[t] for t in tasks}
 
 
@@ -515,14 +501,14 @@ def load_task_data(manager, tasks, names, world, limit):
         except Exception as e:
             text = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             if "gated" in text.lower() or t in GATED and ("401" in text or "auth" in text.lower()):
-                raise common.UserError(f"{t}: its dataset {GATED.get(t, '')} is gated on the Hub: accept its terms on "
+                raise UserError(f"{t}: its dataset {GATED.get(t, '')} is gated on the Hub: accept its terms on "
                                        f"huggingface.co, then `huggingface-cli login` (or set HF_TOKEN)") from None
-            raise common.UserError(f"{t}: lm-eval could not load its data ({type(e).__name__}: {text}); offline, "
+            raise UserError(f"{t}: lm-eval could not load its data ({type(e).__name__}: {text}); offline, "
                                    f"pass --data-dir with local copies") from None
         for name, task in loaded["tasks"].items():
             n = len(task.eval_docs) if limit is None else min(limit, len(task.eval_docs))
             if n < world:
-                raise common.UserError(f"{t}: {name} has {n} items to score on {world} ranks; every rank needs one "
+                raise UserError(f"{t}: {name} has {n} items to score on {world} ranks; every rank needs one "
                                        f"(a larger --limit, or fewer processes)")
 
 
@@ -561,7 +547,7 @@ def score_task(lm, manager, t, name, settings):
     except Exception as e:             # on this rank (inside lm-eval, or after it): the others must hear of it
         lm.fail(e)
         raise
-    common.agree(None, group=lm.group)      # ... or this rank of theirs
+    distributed.agree(None, group=lm.group)      # ... or this rank of theirs
     return result, raw
 
 
@@ -578,7 +564,7 @@ def make_result(t, name, raw, settings, seconds, truncated):
     metrics = raw["results"].get(name, {})
     items = items_scored(raw, name)
     if not items or metrics.get(metric) is None:
-        raise common.UserError(f"{t}: lm-eval scored {items} items for {metric}; nothing written")
+        raise UserError(f"{t}: lm-eval scored {items} items for {metric}; nothing written")
     return dict(settings, metric=metric, value=metrics[metric], items=items, seconds=seconds,
                 contexts_cut_to_fit=truncated, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
@@ -605,30 +591,33 @@ def earlier_result(out_dir, t, settings):
     path = result_path(out_dir, t)
     if not os.path.exists(path):
         return None
-    saved = common.read_json(path, "an earlier result")
+    saved = files.read_json(path, "an earlier result")
     if saved.get("settings") != settings:
         differ = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
-        raise common.UserError(f"--resume: {path} was scored with other settings or weights ({', '.join(differ)}); "
+        raise UserError(f"--resume: {path} was scored with other settings or weights ({', '.join(differ)}); "
                                f"choose another --out-dir")
     return saved
 
 
-def evaluate(lm, tasks, a, out_dir, resume):
+def evaluate(lm, tasks, a, run):
     """Each task in turn; a task's result (and lm-eval's raw output) is written as soon as it is
     scored, whole (write, then rename), so hours of scoring survive a later failure; with --resume,
     tasks already scored with the same settings and checkpoint are not scored again. Returns
     ({task: result}, {task: raw}) on rank 0."""
-    manager, names = task_manager(tasks, a, out_dir)
-    common.on_every_rank(load_task_data, manager, tasks, names, lm.world_size, a.limit)
-    ckpt = checkpoint_id(a.checkpoint)
+    manager, names = task_manager(tasks, a, run)
+    with run.together():
+        load_task_data(manager, tasks, names, lm.world_size, a.limit)
     results, raws = {}, {}
     for t in tasks:
-        settings = task_settings(t, a, names, ckpt)
-        saved = common.on_every_rank(lambda: earlier_result(out_dir, t, settings) if resume else None)
-        if saved is None and t == "mmlu_stem" and dist.get_rank() == 0:
-            derived = derived_stem(results, raws, settings, names)
-            saved = derived and dict(settings=settings, result=derived, raw=raws["mmlu"])
-        saved = common.broadcast(saved)
+        settings = task_settings(t, a, names, run.inputs["checkpoint"])
+
+        def kept():              # rank 0: scored earlier into this folder, or MMLU-STEM from MMLU's own run
+            saved = earlier_result(run.out_dir, t, settings) if a.resume else None
+            if saved is None and t == "mmlu_stem":
+                derived = derived_stem(results, raws, settings, names)
+                saved = derived and dict(settings=settings, result=derived, raw=raws["mmlu"])
+            return saved
+        saved = run.rank0(kept)
         if saved is not None:
             result, raw = saved["result"], saved["raw"]
             print_result(t, result, "derived from mmlu" if result.get("derived_from") else "scored earlier")
@@ -636,10 +625,8 @@ def evaluate(lm, tasks, a, out_dir, resume):
             result, raw = score_task(lm, manager, t, names[t], settings)
             if dist.get_rank() == 0:
                 print_result(t, result, None)
-        if dist.get_rank() == 0:
-            os.makedirs(os.path.dirname(result_path(out_dir, t)), exist_ok=True)
-            common.write_json(result_path(out_dir, t), dict(settings=settings, result=result, raw=raw))
-            results[t], raws[t] = result, raw
+        run.write_json(os.path.join("results", f"{t}.json"), dict(settings=settings, result=result, raw=raw))
+        results[t], raws[t] = result, raw
     return results, raws
 
 
@@ -675,7 +662,7 @@ def benchmark(a, device):
     randomly initialised model of --preset (the 8B architecture on a GPU)."""
     mc = model_lib.get_config(a.preset)
     if not a.preset.startswith("llada"):
-        mc = model_lib.get_config(a.preset, vocab_size=256 + len(fsdp.SPECIALS), mask_id=257,
+        mc = model_lib.get_config(a.preset, vocab_size=256 + len(llada.SPECIALS), mask_id=257,
                                   block_size=a.prompt_length + a.gen_length)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with torch.device(device):
@@ -701,7 +688,7 @@ def benchmark(a, device):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Evaluation'.")
-    p.add_argument("--checkpoint", default=fsdp.LLADA, help="LLaDA-format folder or Hub id (%(default)s)")
+    p.add_argument("--checkpoint", default=llada.LLADA, help="LLaDA-format folder or Hub id (%(default)s)")
     p.add_argument("--table", type=int, choices=sorted(TABLES), default=None,
                    help="the tasks of the paper's Table 1, 2 or 3 (else --tasks)")
     p.add_argument("--tasks", default=None, help=f"comma-separated, from {', '.join(TASKS)}")
@@ -731,40 +718,40 @@ def parse_args(argv):
                                                          "already, with the same settings and weights, are kept")
     p.add_argument("--seed", type=int, default=LM_EVAL_SEED, help="seed of the likelihood draws and sampling "
                                                                    "(%(default)s)")
-    common.add_dist_args(p)
+    cli.add_dist_flag(p)
     p.add_argument("--benchmark", action="store_true", help="tokens/s of generate on a random model of --preset")
     p.add_argument("--preset", default="tiny", choices=sorted(model_lib.PRESETS), help="--benchmark model (%(default)s)")
     p.add_argument("--prompt-length", type=int, default=64, help="--benchmark prompt tokens (%(default)s)")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def check_args(a):
     """Sizes and estimator settings, before anything loads: a score must never come from zero
     samples or zero draws."""
-    common.check_positive(mc_batch=a.mc_batch, batch_size=a.batch_size, gen_length=a.gen_length, steps=a.steps,
+    cli.check_positive(mc_batch=a.mc_batch, batch_size=a.batch_size, gen_length=a.gen_length, steps=a.steps,
                           block_length=a.block_length, prompt_length=a.prompt_length,
                           **{name: getattr(a, name) for name in ("mc_num", "limit") if getattr(a, name) is not None})
     if a.cfg is not None and a.cfg < 0:
-        raise common.UserError(f"--cfg must be >= 0 (0: no guidance), got {a.cfg}")
+        raise UserError(f"--cfg must be >= 0 (0: no guidance), got {a.cfg}")
     if a.num_fewshot is not None and a.num_fewshot < 0:
-        raise common.UserError(f"--num-fewshot must be >= 0, got {a.num_fewshot}")
-    common.check_seed(a.seed)
+        raise UserError(f"--num-fewshot must be >= 0, got {a.num_fewshot}")
+    cli.check_seed(a.seed)
     if a.gen_length % a.block_length or a.steps % (a.gen_length // a.block_length):
-        raise common.UserError("--gen-length must be a multiple of --block-length, and --steps of the number of "
+        raise UserError("--gen-length must be a multiple of --block-length, and --steps of the number of "
                                "blocks")
 
 
 def chosen_tasks(a):
     tasks = TABLES[a.table] if a.table else [t.strip() for t in (a.tasks or "").split(",") if t.strip()]
     if not tasks:
-        raise common.UserError("give --table 1|2|3 or --tasks")
+        raise UserError("give --table 1|2|3 or --tasks")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise common.UserError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+        raise UserError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
     if len(set(tasks)) < len(tasks):
-        raise common.UserError(f"--tasks names a task twice: {a.tasks}")
+        raise UserError(f"--tasks names a task twice: {a.tasks}")
     if a.data_dir and not os.path.isdir(a.data_dir):
-        raise common.UserError(f"--data-dir {a.data_dir} is not a folder")
+        raise UserError(f"--data-dir {a.data_dir} is not a folder")
     return tasks
 
 
@@ -774,7 +761,7 @@ def default_out_dir(a):
     if name == "export":                        # out/pt_u01/export -> pt_u01
         name = os.path.basename(os.path.dirname(os.path.normpath(a.checkpoint))) or name
     what = f"table{a.table}" if a.table else "-".join(chosen_tasks(a))
-    return os.path.join("out", "eval", common.run_name(name.replace("/", "_"), what, a.protocol))
+    return os.path.join("out", "eval", cli.run_name(name.replace("/", "_"), what, a.protocol))
 
 
 RUN_SETTINGS = ("checkpoint", "table", "tasks", "data_dir", "limit", "num_fewshot", "mc_num", "mc_batch", "cfg",
@@ -784,12 +771,12 @@ RUN_SETTINGS = ("checkpoint", "table", "tasks", "data_dir", "limit", "num_fewsho
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
     check_args(a)
-    device = common.pick_device(a.device)
+    device = cli.pick_device(a.device)
     if a.benchmark:
         out = benchmark(a, device)
         bench_dir = a.out_dir or os.path.join("out", "eval", f"benchmark_{a.preset}")
-        common.prepare_out_dir(bench_dir)
-        common.write_json(os.path.join(bench_dir, "benchmark.json"), dict(
+        prepare_out_dir(bench_dir)
+        files.write_json(os.path.join(bench_dir, "benchmark.json"), dict(
             device=torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu", preset=a.preset,
             prompt_length=a.prompt_length, gen_length=a.gen_length, steps=a.steps, block_length=a.block_length,
             batches={str(b): v for b, v in out.items()}))
@@ -798,61 +785,42 @@ def main(argv=None):
     require_lm_eval()
     out_dir = a.out_dir or default_out_dir(a)
     settings = {k: getattr(a, k) for k in RUN_SETTINGS}
-    rank, world, device = common.setup_distributed(device, a.dist_timeout, backend="gloo")   # no NCCL: no shards
-    try:
-        if a.limit is not None and a.limit < world:
-            raise common.UserError(f"--limit {a.limit} is below the {world} ranks: every rank needs an item of each "
-                                   f"task")
-        state = claim(out_dir, settings, a.resume, rank)
-        if state == "done":
-            if rank == 0:
-                print(common.already_done(out_dir))
+    inputs = {"checkpoint": a.checkpoint, **({"data": a.data_dir} if a.data_dir else {})}
+    with Run(SCRIPT, settings, out_dir, resume=a.resume, inputs=inputs, checkpoints=Partial("results"), torchrun=True,
+             device=device, timeout_s=a.dist_timeout, backend="gloo") as run:         # gloo: no NCCL, no shards
+        if run.done:
+            if run.master:
+                print(done_line(out_dir))
             return
-        run(a, tasks, out_dir, settings, device, world)
-    finally:
-        common.release_locks()
-        common.teardown()
+        if a.limit is not None and a.limit < run.world.size:
+            raise UserError(f"--limit {a.limit} is below the {run.world.size} ranks: every rank needs an item of each "
+                            f"task")
+        score(a, tasks, run)
 
 
-def claim(out_dir, settings, resume, rank):
-    """The --out-dir rules of every script (common.claim_out_dir), decided by rank 0: a fresh
-    evaluation never writes into an earlier run's folder; --resume continues this script's own."""
-    def decide():
-        if rank != 0:
-            return None
-        state = common.claim_out_dir(out_dir, SCRIPT, settings, resume=resume,
-                                     has_checkpoint=os.path.isdir(os.path.join(out_dir, "results")))
-        if state != "done":
-            common.take_out_dir(out_dir)
-            common.mark_run(out_dir, SCRIPT, settings)
-        return state
-    return common.broadcast(common.on_every_rank(decide))
-
-
-def run(a, tasks, out_dir, settings, device, world):
+def score(a, tasks, run):
     """Load, score every task (each written when scored), then results.md and summary.json (last)."""
-    rank = dist.get_rank()
-    fresh = rank == 0 and not os.path.isdir(os.path.join(out_dir, "results"))
+    fresh = run.master and not os.path.isdir(run.path("results"))
     try:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        m, tok, ids = common.on_every_rank(load_model, a.checkpoint, device, dtype)
-        if a.protocol == "instruct" or a.confidence_eos_eot_inf:    # the chat template; generation stops at EoT
-            common.on_every_rank(instruct_tokens, tok)
-        lm = MaskedDiffusionLM(m, tok, ids, device, mc_batch=a.mc_batch, gen_length=a.gen_length, steps=a.steps,
+        dtype = torch.bfloat16 if run.device.startswith("cuda") else torch.float32
+        with run.together():
+            m, tok, ids = load_model(a.checkpoint, run.device, dtype)
+            if a.protocol == "instruct" or a.confidence_eos_eot_inf:    # the chat template; generation stops at EoT
+                instruct_tokens(tok)
+        lm = MaskedDiffusionLM(m, tok, ids, run.device, mc_batch=a.mc_batch, gen_length=a.gen_length, steps=a.steps,
                                block_length=a.block_length, batch_size=a.batch_size, seed=a.seed,
                                checkpoint=a.checkpoint)
-        results, raws = evaluate(lm, tasks, a, out_dir, a.resume)
+        results, raws = evaluate(lm, tasks, a, run)
     except BaseException:
         if fresh:
-            remove_unscored(out_dir)
+            remove_unscored(run.out_dir)
         raise
-    if rank == 0:
-        files = [os.path.relpath(result_path(out_dir, t), out_dir) for t in tasks]
-        common.write_text(os.path.join(out_dir, "results.md"), markdown(results, a.table, a.checkpoint))
-        common.write_json(os.path.join(out_dir, "summary.json"),
-                          dict(script=SCRIPT, settings=settings, checkpoint=a.checkpoint, table=a.table, limit=a.limit,
-                               world_size=world, results=results, files=files + ["results.md"]))
-        print(f"wrote {out_dir}/summary.json, results.md, {', '.join(files)}")
+    if run.master:
+        names = [os.path.join("results", f"{t}.json") for t in tasks]
+        run.write_text("results.md", markdown(results, a.table, a.checkpoint))
+        run.finish(dict(checkpoint=a.checkpoint, table=a.table, limit=a.limit, world_size=run.world.size,
+                        results=results, files=names + ["results.md"]))
+        print(f"wrote {run.out_dir}/summary.json, results.md, {', '.join(names)}")
 
 
 def remove_unscored(out_dir):
@@ -862,17 +830,15 @@ def remove_unscored(out_dir):
         return
     for name in ("results", "tasks"):
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    if os.path.exists(os.path.join(out_dir, common.RUN_FILE)):
-        os.remove(os.path.join(out_dir, common.RUN_FILE))
 
 
 def instruct_tokens(tok):
     """The instruct protocol writes LLaDA's chat template and stops generation at <|eot_id|>."""
     try:
-        fsdp.chat_tokens(tok)
-    except common.UserError as e:
-        raise common.UserError(f"--protocol instruct / --confidence-eos-eot-inf: {e}") from None
+        llada.chat_tokens(tok)
+    except UserError as e:
+        raise UserError(f"--protocol instruct / --confidence-eos-eot-inf: {e}") from None
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    cli.run_cli(main)

@@ -23,7 +23,8 @@ import time
 
 import torch
 
-import common
+from machinery import cli, files
+from machinery.run import prepare_out_dir
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -111,11 +112,11 @@ def main(argv=None):
     p.add_argument("--limit", type=float, default=150, help="seconds one measurement may take (%(default)s)")
     p.add_argument("--no-trace", dest="trace", action="store_false", help="skip the fake-tensor traces")
     a = p.parse_args(argv)
-    device = common.pick_device(a.device)
-    common.check_positive(gpus=a.gpus, limit=a.limit)
+    device = cli.pick_device(a.device)
+    cli.check_positive(gpus=a.gpus, limit=a.limit)
     if device.startswith("cuda") and a.gpus > torch.cuda.device_count():
-        raise common.UserError(f"--gpus {a.gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    common.prepare_out_dir(a.out_dir)
+        raise cli.UserError(f"--gpus {a.gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    prepare_out_dir(a.out_dir)
     cuda = device.startswith("cuda")
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0
@@ -124,10 +125,10 @@ def main(argv=None):
         r = run_step(step_name, cmd, folder, a.out_dir, a.limit)
         results.append(r)
         print(f"{step_name}: " + (r["error"] if "error" in r else "done"), flush=True)
-        common.write_json(os.path.join(a.out_dir, "gpu_check.json"), dict(device=name, gpus=a.gpus, results=results))
-    common.write_text(os.path.join(a.out_dir, "gpu_check.md"), markdown(results, name))
+        files.write_json(os.path.join(a.out_dir, "gpu_check.json"), dict(device=name, gpus=a.gpus, results=results))
+    files.write_text(os.path.join(a.out_dir, "gpu_check.md"), markdown(results, name))
     print(f"wrote {a.out_dir}/gpu_check.json, gpu_check.md")
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    cli.run_cli(main)

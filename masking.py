@@ -93,6 +93,12 @@ def token_ce(logits, targets):
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
+def compiled_token_ce():
+    """token_ce under torch.compile (GPU runs): its fp32 upcast fuses into the softmax, so the
+    (masked tokens x vocabulary) logits never exist in fp32. dynamic: the masked count varies."""
+    return torch.compile(token_ce, dynamic=True)
+
+
 def md_loss(logits, x0, masked, t, *, maskable=None, reduction="mean", ce_fn=token_ce):
     """The MD loss (§5's objective; LLaDA's Eq. 3 for pre-training, its Eq. 5 for SFT):
 

@@ -18,10 +18,14 @@ Models: `mlp` is the reduced model of §4.1 / F.1 (uniform attention, i.e.
 f(z) = v^T relu(W z) on the summed one-hot (value, position) embedding);
 `transformer` is the nanoGPT-style model.py preset "parity".
 
-At every log step the MD loss is split into its signal part (masks with exactly
+At every evaluation the MD loss is split into its signal part (masks with exactly
 one position of S' = S u {label}; Thm 4.3) and its noise part, beside the
 empirical fraction of signal draws and theory.signal_prob, plus the mean squared
 output on noise-regime inputs, the quantity the implicit regulariser drives down.
+
+Reading order: the settings, then train() (data, model, the loop with its step, evaluation,
+summary), then the helpers it calls in that order, the figures, --compare and --ladder, and
+the command line.
 """
 import argparse
 import csv
@@ -36,13 +40,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 import masking
 import model as model_lib
 import theory
+from machinery import cli, sweep
+from machinery.cli import UserError
+from machinery.files import save_figure
+from machinery.optim import clip_gradients, lr_at
+from machinery.run import Run
 
-MASK = 2  # token ids: -1 -> 0, +1 -> 1, MASK -> 2
-COMPARE_STEPS = 3000  # --compare's step cap unless --max-steps is given
+SCRIPT = "parity.py"
+MASK = 2                    # token ids: -1 -> 0, +1 -> 1, MASK -> 2
+MASK_SEED_OFFSET = 1        # the masks and batches of a run seeded s draw from generator s + 1 (the data: s)
+MAX_N = 62                  # inputs are drawn as integers below 2^n (int64)
+COMPARE_STEPS = 3000        # --compare's step cap unless --max-steps is given
 
 
 @dataclass
@@ -104,6 +115,114 @@ PRESETS["transformer-md"] = dict(PRESETS["transformer"], tie_head=False, grad_cl
                                  n_train=256, n_val=512, max_steps=12000, eval_every=250)
 
 
+# ----------------------------------------------------------------------------- the experiment
+
+def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=False, quiet=False, allow_change=()):
+    """One run: `cfg.objective` on (n, k) parity, evaluated every eval_every steps with MD's signal/noise
+    split. Writes OUT_DIR/{ckpt.pt, history.json, summary.json}; returns (summary, history), those of the
+    finished run already there when OUT_DIR holds this very run."""
+    check_config(cfg)
+    with Run(SCRIPT, cfg, out_dir, resume=resume, allow_change=allow_change, bookkeeping=("threads",),
+             dry_run=dry_run, quiet=quiet) as run:
+        if run.done:
+            return run.finished()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+
+        # data (Def. 3.1-3.2): the secret set S, N training rows, fresh validation rows
+        S, train_rows, val_rows = make_data(cfg.n, cfg.k, cfg.n_train, cfg.n_val, cfg.seed)
+        train_tok, val_tok = to_tokens(train_rows).to(device), to_tokens(val_rows).to(device)
+        S_prime = torch.cat([S, torch.tensor([cfg.n])]).to(device)          # S' = S u {label}
+        in_secret = torch.zeros(cfg.n + 1, dtype=torch.bool, device=device).index_fill_(0, S_prime, True)
+        P_S = theory.signal_prob(cfg.t0, cfg.t1, cfg.k)                     # Thm 4.3
+        B = cfg.batch_size or cfg.n_train
+
+        # model: §4.1's reduced MLP, or §4.5's transformer
+        model = build_model(cfg).to(device)
+        if cfg.model == "transformer":              # nanoGPT's AdamW: no weight decay on norms and biases
+            opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+        forward = torch.compile(model) if compile else model
+        gen = torch.Generator(device).manual_seed(cfg.seed + MASK_SEED_OFFSET)      # batches and masks
+        saved = run.restore(model=model, opt=opt, gen=gen)
+        step, seconds = (saved["step"], saved["train_seconds"]) if saved else (0, 0.0)
+        max_steps = 2 if dry_run else cfg.max_steps
+        run.log(f"{describe(cfg)}: S = {S.tolist()}, P_S = {P_S:.4f}, {sum(p.numel() for p in model.parameters()):,} "
+                f"parameters, batch {B}, {max_steps} steps on {device}")
+
+        norms = []
+        while step < max_steps:
+            started = time.time()
+            # ----------------------------------------------------------------------------- the step
+            x0 = draw_batch(train_tok, B, S, cfg, gen, device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.lr, warmup=cfg.warmup)
+            loss, parts = 0.0, []
+            for xb in x0.split(cfg.micro_batch or B):      # gradient accumulation: same step, cache-sized pieces
+                if cfg.objective == "md":
+                    t = masking.sample_t(len(xb), cfg.t0, cfg.t1, generator=gen, device=device)   # Def. 3.4
+                    xt, masked = masking.mask_tokens(xb, t, MASK, generator=gen)
+                    out = predict(forward, cfg, xt)
+                    rows = md_rows(out, cfg, xb, masked & in_secret if cfg.secret_only else masked, t)
+                    parts.append((rows.detach(), out.detach(), masked))
+                    piece = rows.sum() / B
+                else:                                       # label-only: x visible, y masked and supervised
+                    piece = label_loss(predict(forward, cfg, mask_label(xb)), cfg, xb[:, -1]) * len(xb) / B
+                piece.backward()
+                loss += piece.item()
+            norms.append(clip_gradients(model.parameters(), cfg.grad_clip).item())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            # -----------------------------------------------------------------------------
+            step += 1
+            seconds += time.time() - started
+
+            if step % cfg.eval_every == 0 or step == max_steps:
+                rec = dict(step=step, seconds=round(seconds, 2), loss=loss, **clipping(norms),
+                           train_acc=accuracy(model, cfg, train_tok), val_acc=accuracy(model, cfg, val_tok))
+                if cfg.objective == "md":                   # Thm 4.3 made visible: the step's loss by regime
+                    rows, outs, masks = (torch.cat(column) for column in zip(*parts))
+                    rec.update(regime_stats(rows, outs, masks, S_prime, cfg), P_S=P_S)
+                if cfg.model == "transformer":
+                    rec["bits_cos"] = bit_embedding_cos(model, cfg)
+                norms = []
+                run.log(f"{log_line(rec, P_S, cfg)} | {run.eta(step, max_steps)}", **rec)
+                run.save(step, model=model, opt=opt, gen=gen, train_seconds=seconds)
+                if min(rec["train_acc"], rec["val_acc"]) >= cfg.stop_acc:
+                    break
+        return run.finish(summarize(cfg, S, P_S, run.history)), run.history
+
+
+def check_config(cfg):
+    """Every user-caused mistake as one line, before any work starts."""
+    if not 1 <= cfg.k <= cfg.n:
+        raise UserError(f"need 1 <= k <= n, got n={cfg.n}, k={cfg.k}")
+    if cfg.n > MAX_N:
+        raise UserError(f"--n {cfg.n}: inputs are drawn as integers below 2^n; n must be at most {MAX_N}")
+    if cfg.n_train <= 0 or cfg.n_val <= 0:
+        raise UserError(f"need N > 0 and n_val > 0, got N={cfg.n_train}, n_val={cfg.n_val}")
+    if cfg.n <= 24 and cfg.n_train + cfg.n_val > 2 ** cfg.n:
+        raise UserError(f"N + n_val = {cfg.n_train + cfg.n_val} exceeds the 2^{cfg.n} distinct inputs")
+    cli.check_interval(cfg.t0, cfg.t1, trains=cfg.objective == "md")
+    choices = dict(objective=("md", "label"), model=("mlp", "transformer"), embed=("additive", "joint"),
+                   loss=("auto", "ce", "mse"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    sizes = ("hidden",) if cfg.model == "mlp" else ("n_layer", "d_model", "n_head", "mlp_hidden")
+    cli.check_settings(cfg, positive=("max_steps", "eval_every") + sizes, nonnegative=("threads",))
+    if cfg.batch_size < 0 or cfg.micro_batch < 0:      # 0 means "all" for both
+        raise UserError(f"--batch-size and --micro-batch must be >= 0 (0: all), got {cfg.batch_size}, "
+                        f"{cfg.micro_batch}")
+    if not cfg.stop_acc > 0.5:
+        raise UserError(f"--stop-acc must be above chance (0.5; > 1: never stop early), got {cfg.stop_acc}")
+    if cfg.model == "transformer":
+        with cli.user_input():
+            transformer_config(cfg)
+
+
 # ----------------------------------------------------------------------------- data
 
 def make_data(n, k, n_train, n_val, seed):
@@ -131,6 +250,15 @@ def fresh_tokens(B, n, S, generator, device):
 
 def to_tokens(rows):
     return (rows > 0).long()        # -1 -> 0, +1 -> 1
+
+
+def draw_batch(train_tok, B, S, cfg, gen, device):
+    """This step's rows: fresh draws (N = infinity), the whole training set, or a random batch of it."""
+    if cfg.fresh:
+        return fresh_tokens(B, cfg.n, S.to(device), gen, device)
+    if B == cfg.n_train:
+        return train_tok
+    return train_tok[torch.randint(0, cfg.n_train, (B,), generator=gen, device=device)]
 
 
 # ----------------------------------------------------------------------------- models
@@ -196,7 +324,7 @@ def uses_ce(cfg):
     return cfg.loss == "ce" or (cfg.loss == "auto" and cfg.model == "transformer")
 
 
-# ----------------------------------------------------------------------------- objectives
+# ----------------------------------------------------------------------------- objectives, evaluation and the signal/noise split
 
 def as_logits(out):
     """(..., 2) logits; with cross-entropy the MLP's f is the logit of +1 (Remark 4.4)."""
@@ -262,197 +390,9 @@ def bit_embedding_cos(model, cfg):
     return F.cosine_similarity(w[0], w[1], dim=0).item()
 
 
-# ----------------------------------------------------------------------------- training
-
-SCRIPT = "parity.py"
-MASK_SEED_OFFSET = 1        # the masks and batches of a run seeded s draw from generator s + 1 (the data: s)
-MAX_N = 62                  # inputs are drawn as integers below 2^n (int64)
-
-
-def check_config(cfg):
-    """Every user-caused mistake as one line, before any work starts."""
-    if not 1 <= cfg.k <= cfg.n:
-        raise common.UserError(f"need 1 <= k <= n, got n={cfg.n}, k={cfg.k}")
-    if cfg.n > MAX_N:
-        raise common.UserError(f"--n {cfg.n}: inputs are drawn as integers below 2^n; n must be at most {MAX_N}")
-    if cfg.n_train <= 0 or cfg.n_val <= 0:
-        raise common.UserError(f"need N > 0 and n_val > 0, got N={cfg.n_train}, n_val={cfg.n_val}")
-    if cfg.n <= 24 and cfg.n_train + cfg.n_val > 2 ** cfg.n:
-        raise common.UserError(f"N + n_val = {cfg.n_train + cfg.n_val} exceeds the 2^{cfg.n} distinct inputs")
-    common.check_interval(cfg.t0, cfg.t1, trains=cfg.objective == "md")
-    choices = dict(objective=("md", "label"), model=("mlp", "transformer"), embed=("additive", "joint"),
-                   loss=("auto", "ce", "mse"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise common.UserError(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
-    common.check_positive(max_steps=cfg.max_steps, eval_every=cfg.eval_every)
-    common.check_optimizer(cfg)
-    if cfg.batch_size < 0 or cfg.micro_batch < 0:      # 0 means "all" for both
-        raise common.UserError(f"--batch-size and --micro-batch must be >= 0 (0: all), got {cfg.batch_size}, "
-                               f"{cfg.micro_batch}")
-    common.check_nonnegative(threads=cfg.threads)
-    if not cfg.stop_acc > 0.5:
-        raise common.UserError(f"--stop-acc must be above chance (0.5; > 1: never stop early), got {cfg.stop_acc}")
-    if cfg.model == "mlp":
-        common.check_positive(hidden=cfg.hidden)
-    else:
-        common.check_positive(n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head, mlp_hidden=cfg.mlp_hidden)
-        with common.user_input():
-            transformer_config(cfg)
-
-
-def describe(cfg):
-    what = f"md U[{cfg.t0:g}, {cfg.t1:g}]" if cfg.objective == "md" else "label"
-    return f"{what} ({cfg.model}, (n,k)=({cfg.n},{cfg.k}), N={cfg.n_train}, seed {cfg.seed})"
-
-
-def default_out_dir(cfg):
-    """out/parity/<objective>[_U<t0>-<t1>]_n<n>k<k>_<model>_s<seed>: the README's commands each write
-    a folder of their own, so they run one after another."""
-    interval = common.interval_name(cfg.t0, cfg.t1) if cfg.objective == "md" else None
-    return os.path.join("out", "parity", common.run_name(cfg.objective, interval, f"n{cfg.n}k{cfg.k}", cfg.model,
-                                                         f"s{cfg.seed}"))
-
-
-def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=False, quiet=False, allow_change=()):
-    """One run. Writes out_dir/{run.json, ckpt.pt, history.json, summary.json}; returns (summary,
-    history), those of the finished run already there when out_dir holds this very run ("done")."""
-    check_config(cfg)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if not dry_run:
-        state = common.claim_out_dir(out_dir, SCRIPT, asdict(cfg), resume=resume, has_checkpoint=os.path.exists(
-            ckpt_path), ignore=("threads",))
-        if state == "done":
-            return common.finished_run(out_dir)
-        lock = common.take_out_dir(out_dir)
-    try:
-        return run_training(cfg, out_dir, device, resume, compile, dry_run, quiet, allow_change, ckpt_path)
-    finally:
-        if not dry_run:
-            common.release_locks(lock)
-
-
-def run_training(cfg, out_dir, device, resume, compile, dry_run, quiet, allow_change, ckpt_path):
-    """train()'s work once the folder is claimed: build, resume, the loop, the summary."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    common.set_seed(cfg.seed)
-    run = build_run(cfg, device, compile)
-    if resume and not dry_run and os.path.exists(ckpt_path):
-        resume_run(run, cfg, ckpt_path, allow_change, quiet)
-    if not dry_run:
-        common.mark_run(out_dir, SCRIPT, asdict(cfg))
-        common.LAST_CHECKPOINT_NOTE = lambda: f"the last complete checkpoint is {ckpt_path}" + \
-            (f" (step {run['saved']})" if run["saved"] else " (none yet)")
-    max_steps = 2 if dry_run else cfg.max_steps
-    progress = common.Progress(max_steps, start=run["step"])
-    if not quiet:
-        print(f"{describe(cfg)}: S = {run['S'].tolist()}, P_S = {run['P_S']:.4f}, "
-              f"{sum(p.numel() for p in run['model'].parameters()):,} parameters, batch {run['B']}, {max_steps} steps "
-              f"on {device}")
-    while run["step"] < max_steps:
-        t_start = time.time()
-        loss, parts = train_step(run, cfg, device)
-        run["step"] += 1
-        run["seconds"] += time.time() - t_start
-        if run["step"] % cfg.eval_every == 0 or run["step"] == max_steps:
-            rec = evaluation(run, cfg, loss, parts)
-            if not quiet:
-                print(log_line(rec, run["P_S"], cfg) + f" | {progress.eta(run['step'])}", flush=True)
-            if not dry_run:
-                save(run, cfg, ckpt_path)
-            if min(rec["train_acc"], rec["val_acc"]) >= cfg.stop_acc:
-                break
-    summary = summarize(cfg, run["S"], run["P_S"], run["history"])
-    if run["changes"]:
-        summary["changed_on_resume"] = run["changes"]          # {setting: [checkpoint's, now]}
-    if not dry_run:
-        common.write_json(os.path.join(out_dir, "history.json"), run["history"])
-        common.write_json(os.path.join(out_dir, "summary.json"), summary)
-    return summary, run["history"]
-
-
-def build_run(cfg, device, compile):
-    """Everything a run carries from step to step: data, model, optimizer, generator, counters."""
-    S, train_rows, val_rows = make_data(cfg.n, cfg.k, cfg.n_train, cfg.n_val, cfg.seed)
-    S_prime = torch.cat([S, torch.tensor([cfg.n])]).to(device)        # S' = S u {label}
-    in_secret = torch.zeros(cfg.n + 1, dtype=torch.bool, device=device)
-    in_secret[S_prime] = True
-    model = build_model(cfg).to(device)
-    if cfg.model == "transformer":
-        opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
-    return dict(S=S, S_prime=S_prime, in_secret=in_secret, train_tok=to_tokens(train_rows).to(device),
-                val_tok=to_tokens(val_rows).to(device), model=model, opt=opt,
-                fwd=torch.compile(model) if compile else model,
-                gen=torch.Generator(device).manual_seed(cfg.seed + MASK_SEED_OFFSET),
-                P_S=theory.signal_prob(cfg.t0, cfg.t1, cfg.k), B=cfg.batch_size or cfg.n_train,
-                step=0, seconds=0.0, history=[], norms=[], changes={}, saved=None)
-
-
-def resume_run(run, cfg, ckpt_path, allow_change, quiet):
-    """The checkpoint's model, optimizer, generator and counters, after checking its settings."""
-    ck = common.load_checkpoint(ckpt_path)
-    run["changes"] = {**ck.get("changes", {}), **common.check_resume_settings(
-        ck["config"], asdict(cfg), ckpt_path, allow_change, ignore=("threads",))}
-    common.restore(run["model"], ck["model"], ckpt_path)
-    common.restore(run["opt"], ck["opt"], ckpt_path)
-    run["gen"].set_state(ck["gen"])
-    run.update(step=ck["step"], seconds=ck["train_seconds"], history=ck["history"], saved=ck["step"])
-    if not quiet:
-        print(f"resumed {ckpt_path} at step {run['step']}")
-
-
-def batch(run, cfg, device):
-    """This step's rows: fresh draws (N = infinity), the whole training set, or a random batch of it."""
-    if cfg.fresh:
-        return fresh_tokens(run["B"], cfg.n, run["S"].to(device), run["gen"], device)
-    if run["B"] == cfg.n_train:
-        return run["train_tok"]
-    return run["train_tok"][torch.randint(0, cfg.n_train, (run["B"],), generator=run["gen"], device=device)]
-
-
-def train_step(run, cfg, device):
-    """One optimizer step, accumulated over micro-batches. Returns (the batch loss, and for MD the
-    per-row losses, outputs and masks that the signal/noise split of the log needs)."""
-    x0, opt = batch(run, cfg, device), run["opt"]
-    for group in opt.param_groups:
-        group["lr"] = common.lr_at(run["step"], cfg.lr, warmup=cfg.warmup)
-    opt.zero_grad(set_to_none=True)
-    loss, parts = 0.0, []
-    for xb in x0.split(cfg.micro_batch or run["B"]):     # gradient accumulation: same step, cache-sized pieces
-        if cfg.objective == "md":
-            t = masking.sample_t(len(xb), cfg.t0, cfg.t1, generator=run["gen"], device=device)    # Def. 3.4
-            xt, masked = masking.mask_tokens(xb, t, MASK, generator=run["gen"])
-            out = predict(run["fwd"], cfg, xt)
-            rows = md_rows(out, cfg, xb, masked & run["in_secret"] if cfg.secret_only else masked, t)
-            parts.append((rows.detach(), out.detach(), masked))
-            piece = rows.sum() / run["B"]
-        else:
-            piece = label_loss(predict(run["fwd"], cfg, mask_label(xb)), cfg, xb[:, -1]) * len(xb) / run["B"]
-        piece.backward()
-        loss += piece.item()
-    run["norms"].append(common.clip_gradients(run["model"].parameters(), cfg.grad_clip).item())
-    opt.step()
-    return loss, parts
-
-
-def evaluation(run, cfg, loss, parts):
-    """The record of an evaluation step: accuracies, the pre-clip gradient norms since the last one
-    (how often clipping at 1 bites), and for MD the signal/noise split of the batch loss."""
-    norms, model = run["norms"], run["model"]
-    rec = dict(step=run["step"], seconds=round(run["seconds"], 2), loss=loss, grad_norm=norms[-1],
-               grad_norm_max=max(norms), frac_norm_over_1=sum(n > 1 for n in norms) / len(norms),
-               train_acc=accuracy(model, cfg, run["train_tok"]), val_acc=accuracy(model, cfg, run["val_tok"]))
-    if cfg.objective == "md":
-        rows, outs, masks = (torch.cat(column) for column in zip(*parts))     # the micro-batches of the step
-        rec.update(regime_stats(rows, outs, masks, run["S_prime"], cfg), P_S=run["P_S"])
-    if cfg.model == "transformer":
-        rec["bits_cos"] = bit_embedding_cos(model, cfg)
-    run["history"].append(rec)
-    run["norms"] = []
-    return rec
+def clipping(norms):
+    """The pre-clip gradient norms since the last evaluation: how often clipping at 1 bites."""
+    return dict(grad_norm=norms[-1], grad_norm_max=max(norms), frac_norm_over_1=sum(n > 1 for n in norms) / len(norms))
 
 
 def log_line(rec, P_S, cfg):
@@ -462,11 +402,18 @@ def log_line(rec, P_S, cfg):
     return f"step {rec['step']:6d} | loss {rec['loss']:.4f} | train {rec['train_acc']:.3f} val {rec['val_acc']:.3f}{extra}"
 
 
-def save(run, cfg, ckpt_path):
-    common.atomic_torch_save(dict(model=run["model"].state_dict(), opt=run["opt"].state_dict(),
-                                  gen=run["gen"].get_state(), step=run["step"], train_seconds=run["seconds"],
-                                  history=run["history"], config=asdict(cfg), changes=run["changes"]), ckpt_path)
-    run["saved"] = run["step"]
+# ----------------------------------------------------------------------------- summary and figures
+
+def describe(cfg):
+    what = f"md U[{cfg.t0:g}, {cfg.t1:g}]" if cfg.objective == "md" else "label"
+    return f"{what} ({cfg.model}, (n,k)=({cfg.n},{cfg.k}), N={cfg.n_train}, seed {cfg.seed})"
+
+
+def default_out_dir(cfg):
+    """out/parity/<objective>[_U<t0>-<t1>]_n<n>k<k>_<model>_s<seed>: the README's commands each write
+    a folder of their own, so they run one after another."""
+    interval = f"_U{cfg.t0:g}-{cfg.t1:g}" if cfg.objective == "md" else ""
+    return os.path.join("out", "parity", f"{cfg.objective}{interval}_n{cfg.n}k{cfg.k}_{cfg.model}_s{cfg.seed}")
 
 
 def first_step(history, key, level):
@@ -478,8 +425,7 @@ def summarize(cfg, S, P_S, history):
     last = history[-1]
     steps_95, secs_95 = first_step(history, "val_acc", 0.95)
     steps_mem, _ = first_step(history, "train_acc", 0.99)
-    return dict(script=SCRIPT, settings=asdict(cfg), secret_set=S.tolist(), P_S=P_S if cfg.objective == "md" else None,
-                steps=last["step"],
+    return dict(secret_set=S.tolist(), P_S=P_S if cfg.objective == "md" else None, steps=last["step"],
                 train_seconds=last["seconds"], train_acc=last["train_acc"], val_acc=last["val_acc"],
                 best_val_acc=max(h["val_acc"] for h in history), steps_to_95=steps_95, seconds_to_95=secs_95,
                 steps_to_train_99=steps_mem)
@@ -497,8 +443,6 @@ def verdict(s):
     return (f"{head}: 95% validation at step {s['steps_to_95']} ({s['seconds_to_95']:.0f}s of training){plateau}; "
             f"final train {s['train_acc']:.3f}, val {s['val_acc']:.3f}")
 
-
-# ----------------------------------------------------------------------------- plots
 
 def plot_run(history, cfg, path):
     import matplotlib
@@ -524,7 +468,7 @@ def plot_run(history, cfg, path):
         ax.plot(steps, [h["noise_out2"] for h in history], label="mean out² on noise inputs")
         ax.set(xlabel="step", title="signal share and the implicit regulariser")
         ax.legend()
-    common.save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def run_name(objective, t1):
@@ -548,7 +492,7 @@ def plot_compare(rows, histories, out_dir):
     ax.set(xlabel="step", ylabel="accuracy", title=f"Fig. 2: train (dashed) and validation (solid), seed {seed0}",
            ylim=(0.4, 1.02))
     ax.legend()
-    common.save_figure(fig, os.path.join(out_dir, "fig2_accuracy.png"))
+    save_figure(fig, os.path.join(out_dir, "fig2_accuracy.png"))
     # Fig. 6: the label runs, every seed
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for (n, seed), h in histories.items():
@@ -559,7 +503,7 @@ def plot_compare(rows, histories, out_dir):
     for ax, what in zip(axes, ("training", "validation")):
         ax.set(xlabel="step", ylabel=f"{what} accuracy", title=f"Fig. 6: label-only, {what}", ylim=(0.4, 1.02))
         ax.legend()
-    common.save_figure(fig, os.path.join(out_dir, "fig6_label.png"))
+    save_figure(fig, os.path.join(out_dir, "fig6_label.png"))
     # steps to 95% validation per run, every seed (not reached: drawn at the top, hollow)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     cap = max(r["steps"] for r in rows)
@@ -573,37 +517,51 @@ def plot_compare(rows, histories, out_dir):
                            facecolors=colors[n] if hit else "none", s=40)
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set(ylabel="steps to 95% validation", title="steps to 95% validation (hollow: not reached)")
-    common.save_figure(fig, os.path.join(out_dir, "steps_to_95.png"))
+    save_figure(fig, os.path.join(out_dir, "steps_to_95.png"))
 
 
-# ----------------------------------------------------------------------------- --compare
+# ----------------------------------------------------------------------------- --compare (Fig. 2, 6) and --ladder
 
-def _compare_job(job):
-    cfg, run_dir, device = job
-    summary, history = train(cfg, run_dir, device=device, quiet=True, resume=True)   # an interrupted run continues
-    return summary, history
+def train_quietly(cfg, run_dir, device):
+    """One run of a collection (a job of sweep.run_jobs): a finished one is reused, an interrupted one
+    continues."""
+    return train(cfg, run_dir, device=device, resume=True, quiet=True)
 
 
-def run_jobs(todo, jobs, what):
-    """Train every (cfg, run_dir, device) of todo without a summary.json yet, `jobs` at a time
-    (one CPU thread each), printing each run's verdict: finished runs are reused."""
-    pending = [j for j in todo if not os.path.exists(os.path.join(j[1], "summary.json"))]
-    for cfg, run_dir, _ in todo:
-        if (cfg, run_dir, _) not in pending:
-            with open(os.path.join(run_dir, "summary.json")) as f:
-                done = json.load(f)["settings"]
-            if not common.same_settings(done, asdict(cfg), ignore=("threads",)):
-                raise common.UserError(f"{run_dir} holds a run with other settings; use another --out-dir")
-    print(f"{what}: {len(todo)} runs ({len(todo) - len(pending)} already done), {jobs} at a time", flush=True)
-    if jobs > 1:
-        import multiprocessing as mp
-        with mp.get_context("spawn").Pool(jobs) as pool:
-            for s, _ in pool.imap_unordered(_compare_job, [(replace(c, threads=1), d, dev) for c, d, dev in pending]):
-                print(verdict(s), flush=True)
-    else:
-        for job in pending:
-            s, _ = _compare_job(job)
-            print(verdict(s), flush=True)
+def print_verdict(result):
+    print(verdict(result[0]), flush=True)
+
+
+def read_run(run_dir, name):
+    with open(os.path.join(run_dir, name)) as f:
+        return json.load(f)
+
+
+def compare(base, intervals, seeds, out_dir, device, jobs, label_steps):
+    """Fig. 2 / 6: label and md U[0, t1] for each t1, for each seed; finished runs are reused."""
+    settings = dict(settings=asdict(base), intervals=intervals, seeds=seeds)
+    with sweep.Collection(out_dir, "parity.py --compare", settings) as folder:
+        planned = []
+        for seed in seeds:
+            for objective, t1 in [("label", base.t1)] + [("md", t1) for t1 in intervals]:
+                cfg = replace(base, objective=objective, t0=0.0, t1=t1, seed=seed,
+                              max_steps=label_steps if objective == "label" and label_steps else base.max_steps)
+                planned.append((cfg, folder.path(f"{run_name(objective, t1)}_seed{seed}")))
+        folder.run(train_quietly, planned, device, jobs, ignore=("threads",), on_result=print_verdict)
+        rows, histories = [], {}
+        for cfg, run_dir in planned:
+            s = read_run(run_dir, "summary.json")
+            histories[(run_name(cfg.objective, cfg.t1), cfg.seed)] = read_run(run_dir, "history.json")
+            rows.append(dict(run=run_name(cfg.objective, cfg.t1), seed=cfg.seed,
+                             **{k: s[k] for k in ("P_S", "steps", "train_seconds", "train_acc", "val_acc",
+                                                  "best_val_acc", "steps_to_95", "seconds_to_95", "steps_to_train_99")}))
+        with open(folder.path("results.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        summary = dict(settings=asdict(base), intervals=intervals, seeds=seeds, runs=rows, table=table(rows))
+        folder.finish("summary.json", summary)
+    return summary, histories
 
 
 def table(rows):
@@ -623,48 +581,16 @@ def table(rows):
     return out
 
 
-def compare(base, intervals, seeds, out_dir, device, jobs, label_steps):
-    """Fig. 2 / 6: label and md U[0, t1] for each t1, for each seed; finished runs are reused."""
-    common.claim_collection(out_dir, "parity.py --compare", dict(settings=asdict(base), intervals=intervals,
-                                                                 seeds=seeds))
-    todo, rows, histories = [], [], {}
-    for seed in seeds:
-        for objective, t1 in [("label", base.t1)] + [("md", t1) for t1 in intervals]:
-            cfg = replace(base, objective=objective, t0=0.0, t1=t1, seed=seed,
-                          max_steps=label_steps if objective == "label" and label_steps else base.max_steps)
-            todo.append((cfg, os.path.join(out_dir, f"{run_name(objective, t1)}_seed{seed}"), device))
-    run_jobs(todo, jobs, "--compare")
-    for cfg, run_dir, _ in todo:
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            s = json.load(f)
-        with open(os.path.join(run_dir, "history.json")) as f:
-            histories[(run_name(cfg.objective, cfg.t1), cfg.seed)] = json.load(f)
-        rows.append(dict(run=run_name(cfg.objective, cfg.t1), seed=cfg.seed,
-                         **{k: s[k] for k in ("P_S", "steps", "train_seconds", "train_acc", "val_acc",
-                                              "best_val_acc", "steps_to_95", "seconds_to_95", "steps_to_train_99")}))
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    summary = dict(script="parity.py --compare", settings=asdict(base), intervals=intervals, seeds=seeds, runs=rows,
-                   table=table(rows))
-    common.write_json(os.path.join(out_dir, "summary.json"), summary)
-    common.release_locks(os.path.join(out_dir, common.LOCK_FILE))
-    return summary, histories
-
-
-# ----------------------------------------------------------------------------- --ladder
-
 def parse_tasks(text):
     """'8,2 12,2 8,3' -> [(8, 2), (12, 2), (8, 3)]"""
     try:
         tasks = [tuple(int(v) for v in item.split(",")) for item in text.split()]
     except ValueError:
-        raise common.UserError(f"--ladder wants N,K pairs such as '8,2 12,2 8,3', got {text!r}") from None
+        raise UserError(f"--ladder wants N,K pairs such as '8,2 12,2 8,3', got {text!r}") from None
     if not tasks or any(len(t) != 2 or not 1 <= t[1] <= t[0] for t in tasks):
-        raise common.UserError(f"--ladder wants N,K pairs with 1 <= K <= N, got {text!r}")
+        raise UserError(f"--ladder wants N,K pairs with 1 <= K <= N, got {text!r}")
     if len(set(tasks)) < len(tasks):
-        raise common.UserError(f"--ladder names a task twice: {text!r}")
+        raise UserError(f"--ladder names a task twice: {text!r}")
     return tasks
 
 
@@ -693,104 +619,127 @@ def fit_growth(points):
 def ladder(base, tasks, seeds, out_dir, device, jobs):
     """Steps to 95% validation for label-only and MD over a ladder of small (n, k) tasks, several
     seeds each, the same model and optimiser; the growth fitted and extrapolated to (20, 6)."""
-    common.claim_collection(out_dir, "parity.py --ladder", dict(settings=asdict(base), tasks=tasks, seeds=seeds))
-    todo = [(ladder_config(base, n, k, objective, seed),
-             os.path.join(out_dir, f"lad_{objective}_n{n}k{k}_s{seed}"), device)
-            for n, k in tasks for seed in seeds for objective in ("label", "md")]
-    for cfg, _, _ in todo:
-        check_config(cfg)
-    run_jobs(todo, jobs, "--ladder")
-    rows = []
-    for cfg, run_dir, _ in todo:
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            s = json.load(f)
-        rows.append(dict(objective=cfg.objective, n=cfg.n, k=cfg.k, seed=cfg.seed, t1=cfg.t1, cap=cfg.max_steps,
-                         steps_to_95=s["steps_to_95"], best_val_acc=s["best_val_acc"]))
-    table_rows, fits = [], {}
-    for objective in ("label", "md"):
-        points = []
-        for n, k in tasks:
-            rs = [r for r in rows if (r["objective"], r["n"], r["k"]) == (objective, n, k)]
-            hit = sorted(r["steps_to_95"] for r in rs if r["steps_to_95"] is not None)
-            cap = rs[0]["cap"]
-            # The plateau ends at a random step (seeds differ by 10x): modelled as a waiting time with a
-            # constant escape rate, its maximum-likelihood mean counts the runs stopped at the cap too:
-            # (steps of the escapes + cap x the runs that did not escape) / escapes.
-            mean = (sum(hit) + cap * (len(rs) - len(hit))) / len(hit) if hit else None
-            table_rows.append(dict(objective=objective, n=n, k=k, reached=len(hit), seeds=len(rs),
-                                   steps=[r["steps_to_95"] for r in rs], cap=cap, mean_steps=mean,
-                                   median=statistics.median(hit) if len(hit) * 2 > len(rs) else None,
-                                   lower_bound=None if hit else cap * len(rs)))
-            if mean is not None:
-                points.append((n, k, mean))
-        fit = fit_growth(points)
-        fits[objective] = None if fit is None else dict(
-            log_C=fit[0], exponent_per_k=fit[1], points=len(points),
-            steps_20_6=math.exp(fit[0] + fit[1] * 6 * math.log(20)))
-    summary = dict(script="parity.py --ladder", settings=asdict(base), tasks=tasks, seeds=seeds, runs=rows,
-                   table=table_rows, fits=fits)
-    common.write_json(os.path.join(out_dir, "ladder.json"), summary)
-    common.release_locks(os.path.join(out_dir, common.LOCK_FILE))
+    with sweep.Collection(out_dir, "parity.py --ladder", dict(settings=asdict(base), tasks=tasks, seeds=seeds)) \
+            as folder:
+        planned = [(ladder_config(base, n, k, objective, seed), folder.path(f"lad_{objective}_n{n}k{k}_s{seed}"))
+                   for n, k in tasks for seed in seeds for objective in ("label", "md")]
+        for cfg, _ in planned:
+            check_config(cfg)
+        folder.run(train_quietly, planned, device, jobs, ignore=("threads",), on_result=print_verdict)
+        rows = []
+        for cfg, run_dir in planned:
+            s = read_run(run_dir, "summary.json")
+            rows.append(dict(objective=cfg.objective, n=cfg.n, k=cfg.k, seed=cfg.seed, t1=cfg.t1, cap=cfg.max_steps,
+                             steps_to_95=s["steps_to_95"], best_val_acc=s["best_val_acc"]))
+        table_rows, fits = [], {}
+        for objective in ("label", "md"):
+            points = []
+            for n, k in tasks:
+                rs = [r for r in rows if (r["objective"], r["n"], r["k"]) == (objective, n, k)]
+                hit = sorted(r["steps_to_95"] for r in rs if r["steps_to_95"] is not None)
+                cap = rs[0]["cap"]
+                # The plateau ends at a random step (seeds differ by 10x): modelled as a waiting time with a
+                # constant escape rate, its maximum-likelihood mean counts the runs stopped at the cap too:
+                # (steps of the escapes + cap x the runs that did not escape) / escapes.
+                mean = (sum(hit) + cap * (len(rs) - len(hit))) / len(hit) if hit else None
+                table_rows.append(dict(objective=objective, n=n, k=k, reached=len(hit), seeds=len(rs),
+                                       steps=[r["steps_to_95"] for r in rs], cap=cap, mean_steps=mean,
+                                       median=statistics.median(hit) if len(hit) * 2 > len(rs) else None,
+                                       lower_bound=None if hit else cap * len(rs)))
+                if mean is not None:
+                    points.append((n, k, mean))
+            fit = fit_growth(points)
+            fits[objective] = None if fit is None else dict(
+                log_C=fit[0], exponent_per_k=fit[1], points=len(points),
+                steps_20_6=math.exp(fit[0] + fit[1] * 6 * math.log(20)))
+        summary = dict(settings=asdict(base), tasks=tasks, seeds=seeds, runs=rows, table=table_rows, fits=fits)
+        folder.finish("ladder.json", summary)
     return summary
 
 
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Parity'.")
-    common.add_common_args(p, presets=PRESETS, preset="mlp", t0=0.0, t1=0.246)
-    flag_help = {"n": "input bits", "k": "size of the secret set S", "n_train": "N, the training set size",
-                 "hidden": "MLP hidden width D", "objective": "md | label", "model": "mlp | transformer",
-                 "embed": "transformer embedding: additive (wte + wpe) | joint (one id per value and position, "
-                          "Def. 3.5)", "loss": "auto | ce | mse (auto: mse for the mlp, ce for the transformer)",
-                 "init_std": "mlp: std of W (0: PyTorch's default); transformer: of its matrices (0: 0.02)",
-                 "fresh": "a new sample every step (N = infinity)",
-                 "secret_only": "diagnostic: supervise masked positions of S' only, never the noise bits",
-                 "batch_size": "0 = full batch", "micro_batch": "rows per forward/backward, accumulated (0: all)",
-                 "stop_acc": "stop once train and val reach this (>1: never)",
-                 "threads": "torch CPU threads (0 = default)",
-                 "tie_head": "transformer: output head tied to the token embedding",
-                 "grad_clip": "clip the gradient norm to this (0: never)"}
-    common.add_config_args(p, ParityConfig, PRESETS["mlp"], "mlp preset", helps=flag_help)
-    p.add_argument("--compare", action="store_true", help="Fig. 2/6: label and md over --intervals and --seeds, "
-                                                           f"{COMPARE_STEPS} steps each unless --max-steps")
-    p.add_argument("--intervals", type=float, nargs="+", default=[0.1, 0.246, 0.4, 1.0],
-                   help="--compare: upper ends t1 of U[0, t1] (%(default)s; the README table adds 0.2 0.3)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                   help="--compare, --ladder: seeds (%(default)s; the README table uses 0 1 2)")
-    p.add_argument("--jobs", type=int, default=2, help="--compare: runs in parallel, 1 CPU thread each (%(default)s)")
-    p.add_argument("--label-steps", type=int, default=None,
-                   help="--compare: max steps of the label runs (default: --max-steps)")
-    p.add_argument("--ladder", default=None, metavar="'N,K N,K ...'",
-                   help="label-only and MD U[0, t1*(k)] over these tasks and --seeds, steps to 95%% fitted as "
-                        "n^(b k) and extrapolated to (20, 6) (README 'Parity on the transformer')")
-    return p.parse_args(argv)
+    """(flags, settings): the preset's settings, then every flag given."""
+    p = cli.parser(__doc__.split("\n\n")[0] + " See README 'Parity'.", presets=PRESETS, preset="mlp", t0=0.0,
+                   t1=0.246)
+    task = p.add_argument_group("the task (Def. 3.1-3.2)")
+    task.add_argument("--n", type=int, help="input bits")
+    task.add_argument("--k", type=int, help="size of the secret set S")
+    task.add_argument("--n-train", type=int, help="N, the training set size")
+    task.add_argument("--n-val", type=int, help="validation rows, fresh draws never trained on")
+    task.add_argument("--fresh", action=argparse.BooleanOptionalAction, help="a new sample every step (N = infinity)")
+    objective = p.add_argument_group("the objective")
+    objective.add_argument("--objective", help="md (every position masked w.p. t ~ U[t0, t1], Def. 3.4) | label "
+                                               "(y masked and supervised alone)")
+    objective.add_argument("--loss", help="auto | ce | mse (auto: mse for the mlp, as F.1; ce for the transformer, "
+                                          "as §4.5)")
+    objective.add_argument("--secret-only", action=argparse.BooleanOptionalAction,
+                           help="diagnostic: supervise masked positions of S' only, never the noise bits")
+    net = p.add_argument_group("the model")
+    net.add_argument("--model", help="mlp (§4.1's reduced model) | transformer (§4.5, nanoGPT-style)")
+    net.add_argument("--hidden", type=int, help="mlp: hidden width D")
+    net.add_argument("--init-std", type=float, help="mlp: std of W (0: PyTorch's default); transformer: of its "
+                                                    "matrices (0: GPT-2's 0.02)")
+    net.add_argument("--n-layer", type=int, help="transformer: blocks")
+    net.add_argument("--d-model", type=int, help="transformer: width")
+    net.add_argument("--n-head", type=int, help="transformer: attention heads")
+    net.add_argument("--mlp-hidden", type=int, help="transformer: MLP width")
+    net.add_argument("--embed", help="transformer embedding: additive (wte + wpe, nanoGPT) | joint (one id per "
+                                     "value and position, Def. 3.5)")
+    net.add_argument("--tie-head", action=argparse.BooleanOptionalAction,
+                     help="transformer: output head tied to the token embedding (nanoGPT)")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--batch-size", type=int, help="rows per step (0: the full batch)")
+    optim.add_argument("--micro-batch", type=int, help="rows per forward/backward, accumulated (0: all): "
+                                                       "cache-sized, 2x faster on a CPU")
+    optim.add_argument("--lr", type=float, help="AdamW peak learning rate")
+    optim.add_argument("--warmup", type=int, help="linear warm-up steps")
+    optim.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    optim.add_argument("--beta2", type=float, help="AdamW beta2")
+    optim.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0: never)")
+    optim.add_argument("--eval-every", type=int, help="steps between accuracy checks (and checkpoints)")
+    optim.add_argument("--stop-acc", type=float, help="stop once train and validation reach this (> 1: never)")
+    optim.add_argument("--threads", type=int, help="torch CPU threads (0: PyTorch's default)")
+    runs = p.add_argument_group("many runs")
+    runs.add_argument("--compare", action="store_true", help="Fig. 2/6: label and md over --intervals and --seeds, "
+                                                             f"{COMPARE_STEPS} steps each unless --max-steps")
+    runs.add_argument("--intervals", type=float, nargs="+", default=[0.1, 0.246, 0.4, 1.0],
+                      help="--compare: upper ends t1 of U[0, t1] (%(default)s; the README table adds 0.2 0.3)")
+    runs.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                      help="--compare, --ladder: seeds (%(default)s; the README table uses 0 1 2)")
+    runs.add_argument("--jobs", type=int, default=2, help="--compare, --ladder: runs in parallel, one CPU thread "
+                                                          "each (%(default)s)")
+    runs.add_argument("--label-steps", type=int, default=None,
+                      help="--compare: max steps of the label runs (default: --max-steps)")
+    runs.add_argument("--ladder", default=None, metavar="'N,K N,K ...'",
+                      help="label-only and MD U[0, t1*(k)] over these tasks and --seeds, steps to 95%% fitted as "
+                           "n^(b k) and extrapolated to (20, 6) (README 'Parity on the transformer')")
+    return cli.parse(p, argv, ParityConfig, PRESETS)
 
 
 def check_collection_args(a):
     """--compare and --ladder: seeds and intervals each once, in range."""
     for seed in a.seeds:
-        common.check_seed(seed, "seeds")
+        cli.check_seed(seed, "seeds")
     if len(set(a.seeds)) < len(a.seeds):
-        raise common.UserError(f"--seeds names a seed twice: {a.seeds}")
+        raise UserError(f"--seeds names a seed twice: {a.seeds}")
     if len(set(a.intervals)) < len(a.intervals):
-        raise common.UserError(f"--intervals names an interval twice: {a.intervals}")
+        raise UserError(f"--intervals names an interval twice: {a.intervals}")
     for t1 in a.intervals:
-        common.check_interval(0.0, t1)
-    if a.label_steps is not None:
-        common.check_positive(label_steps=a.label_steps)
-    common.check_positive(jobs=a.jobs)
+        cli.check_interval(0.0, t1)
+    cli.check_positive(jobs=a.jobs, **({"label_steps": a.label_steps} if a.label_steps is not None else {}))
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    cfg = common.config_from_args(a, ParityConfig, PRESETS)
+    a, cfg = parse_args(argv)
     check_config(cfg)
-    device = common.pick_device(a.device)
+    device = cli.pick_device(a.device)
     if a.ladder or a.compare:
         check_collection_args(a)
     if a.ladder:
-        s = ladder(cfg, parse_tasks(a.ladder), a.seeds, a.out_dir or "out/parity/ladder", device, a.jobs)
+        out_dir = a.out_dir or "out/parity/ladder"
+        s = ladder(cfg, parse_tasks(a.ladder), a.seeds, out_dir, device, a.jobs)
         for r in s["table"]:
             mean = f"{r['mean_steps']:,.0f}" if r["mean_steps"] else f"> {r['lower_bound']:,} (none escaped)"
             print(f"{r['objective']:>5} ({r['n']:2d}, {r['k']}): reached 95% in {r['reached']}/{r['seeds']} seeds "
@@ -799,7 +748,7 @@ def main(argv=None):
             print(f"{objective}: " + ("too few tasks reached to fit" if f is None else
                   f"steps ~ {math.exp(f['log_C']):.3g} n^({f['exponent_per_k']:.2f} k) over {f['points']} tasks; "
                   f"(20, 6): {f['steps_20_6']:.3g} steps"))
-        print(f"wrote {a.out_dir or 'out/parity/ladder'}/ladder.json")
+        print(f"wrote {out_dir}/ladder.json")
         return
     if a.compare:
         if a.max_steps is None:      # the defaults then fit in 15 minutes of a 2-core CPU (README "Parity")
@@ -822,16 +771,14 @@ def main(argv=None):
     out_dir = a.out_dir or default_out_dir(cfg)
     summary, history = train(cfg, out_dir, device=device, resume=a.resume, compile=a.compile, dry_run=a.dry_run,
                              allow_change=a.allow_change)
+    print(verdict(summary))
     if summary.get("done"):
-        print(verdict(summary))
-        print(common.already_done(out_dir))
         return
     if a.plot and not a.dry_run:
         plot_run(history, cfg, os.path.join(out_dir, "curves.png"))
-    print(verdict(summary))
     if not a.dry_run:
         print(f"wrote {out_dir}/summary.json" + (", curves.png" if a.plot else ""))
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    cli.run_cli(main)

@@ -14,23 +14,21 @@ head run at masked positions only. Every --eval-every steps the held-out NLL is
 masking's full-range bound (t over all of [0, 1], whatever the training window) on
 documents training never reads, with the same masks for every run.
 
-The machinery (torchrun, FSDP2, the loop, DCP checkpoints, export, the plan) is fsdp.py's; this
-file is §5.2.1: Table 4's settings, DCLM into data slots, the held-out set, and main.
+Reading order: Table 4's settings, then train(): DCLM dealt to data slots and the held-out set,
+the FSDP2 model, the loop with its step, the held-out NLL, checkpoints, the export and the
+summary; then the command line. The machinery it calls (torchrun, FSDP2, the data slots, sharded
+checkpoints, the plan) is in machinery/.
 """
-import argparse
-import hashlib
-import json
 import os
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-import common
-import fsdp
+import masking
 import model as model_lib
-import plan
+from machinery import cli, dclm, fsdp, llada, plan
+from machinery.optim import clip_gradients, lr_at
+from machinery.run import Run
 
 DCLM = "mlfoundations/dclm-baseline-1.0"
 
@@ -41,7 +39,7 @@ class PretrainConfig:
     dataset: str = DCLM               # Hub dataset, streamed; --data reads local files instead
     data: str = ""                    # local file or folder: .txt/.raw (a document per line), .jsonl/.json (also .zstd/.gz, DCLM's layout) or .parquet
     text_field: str = "text"          # the column of --data / --dataset holding the document text
-    tokenizer: str = fsdp.LLADA            # Hub id, tokenizer.json or a folder holding one; "" = bytes
+    tokenizer: str = llada.LLADA            # Hub id, tokenizer.json or a folder holding one; "" = bytes
     block_size: int = 4096            # tokens per sequence (§5.2.1: 4096)
     batch_size: int = 128             # sequences per optimizer step, all GPUs together (§5.2.1)
     micro_batch: int = 2              # sequences per GPU per forward; the rest is accumulated
@@ -86,353 +84,169 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------- data
-
-DATA_SUFFIXES = {".txt": "text", ".raw": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-COMPRESSED = (".zstd", ".zst", ".gz")    # `datasets` decompresses these by their suffix (zstd needs zstandard)
-ENCODE_BATCH = 16                        # documents tokenised together (tokenizers' encode_batch frees the GIL)
-
-
-def data_kind(name):
-    """The `datasets` builder of a data file, by its name: DCLM's *.jsonl.zstd is compressed jsonl."""
-    for suffix in COMPRESSED:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return DATA_SUFFIXES.get(os.path.splitext(name)[1])
-
-
-def local_files(path):
-    """The data files of --data: one file, or every data file under a folder (DCLM's layout
-    global-shard_*/local-shard_*/*.jsonl.zstd included), sorted, all of one kind."""
-    if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
-                       if data_kind(f) and not f.startswith("."))
-        if not files:
-            raise common.UserError(f"--data {path} holds no .txt/.raw, .jsonl/.json or .parquet file (compressed "
-                                   f"{'/'.join(COMPRESSED)} included)")
-    elif os.path.exists(path):
-        files = [path]
-    else:
-        raise common.UserError(f"--data {path} does not exist")
-    kinds = {data_kind(os.path.basename(f)) for f in files}
-    if None in kinds or len(kinds) > 1:
-        raise common.UserError(f"--data {path}: want .txt/.raw, .jsonl/.json or .parquet files (compressed "
-                               f"{'/'.join(COMPRESSED)} too), one kind, got {sorted({os.path.basename(f) for f in files})[:4]}")
-    for f in files:
-        try:
-            with open(f, "rb"):
-                pass                 # unreadable: one line now, not deep inside `datasets`
-        except OSError as e:
-            raise common.UserError(f"--data {f} cannot be read ({e.strerror})") from None
-        if os.path.getsize(f) == 0:
-            raise common.UserError(f"--data {f} is empty")
-    if any(f.endswith((".zstd", ".zst")) for f in files):
-        try:
-            import zstandard  # noqa: F401
-        except ImportError:
-            raise common.UserError("--data holds zstd files; pip install zstandard (requirements.txt)") from None
-    return kinds.pop(), files
-
-
-def hub_files(dataset):
-    """The data files of a Hub dataset repository (DCLM: ~27.9k *.jsonl.zstd), as hf:// paths, sorted."""
-    from huggingface_hub import HfApi
-    try:
-        names = HfApi().list_repo_files(dataset, repo_type="dataset")
-    except Exception as e:
-        raise common.UserError(f"could not list {dataset} on the Hub ({type(e).__name__}); offline, pass --data "
-                               f"with local files") from None
-    files = sorted(f"hf://datasets/{dataset}/{n}" for n in names if data_kind(n) and "/." not in "/" + n)
-    if not files:
-        raise common.UserError(f"{dataset} on the Hub holds no data file this script reads")
-    return data_kind(files[0]), files
-
-
-def data_files(cfg):
-    """(builder, files in the run's order, fingerprint), listed by rank 0 alone and sent to every rank
-    (DCLM's listing is ~27.9k names). The order is shuffled with --seed (the same on any world size):
-    sorted, the data slots would read only the first files of the listing, one global shard of DCLM.
-    The fingerprint (names, sizes, modification times) lets --resume refuse changed data."""
-    import hashlib
-    import random
-
-    def listing():
-        if common.rank() != 0:
-            return None
-        builder, files = local_files(cfg.data) if cfg.data else hub_files(cfg.dataset)
-        stats = [(os.path.relpath(f, cfg.data) if os.path.isdir(cfg.data) else f, *file_stat(f)) for f in files] \
-            if cfg.data else files
-        random.Random(cfg.seed).shuffle(files)
-        return builder, files, hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:16]
-    return common.broadcast(common.on_every_rank(listing))
-
-
-def file_stat(path):
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
-
-
-def open_documents(builder, files):
-    """The document stream over `files` in this order, a `datasets` IterableDataset read lazily."""
-    import datasets
-    from datasets import load_dataset
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)    # we report a bad file ourselves, in one line
-    try:
-        return load_dataset(builder, data_files=files, split="train", streaming=True)
-    except Exception as e:   # `datasets` infers the columns from the first rows: a malformed start
-        raise common.UserError(f"could not read the data ({files[0]}, ...: {type(e).__name__})") from None
-
-
-def doc_key(text):
-    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def count(skipped, why, row=None):
-    skipped[why] = skipped.get(why, 0) + 1
-    if row is not None:
-        skipped.setdefault("fields seen", sorted(row))
-
-
-def documents(rows, cfg, where, skipped):
-    """The text of each row. Rows without the text field, whose field is not text (a number, a
-    list, a dict: never str()-ed into training data) and empty documents are skipped and counted
-    in `skipped` (reported at the end, never dropped silently); a file that cannot be parsed is a
-    one-line error naming it."""
-    it = iter(rows)
-    while True:
-        try:
-            row = next(it)
-        except StopIteration:
-            return
-        except Exception as e:     # pyarrow / json errors inside `datasets`: the user's file
-            raise common.UserError(f"could not read {where} ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:120]})") from None
-        text = row.get(cfg.text_field)
-        if text is None:           # absent (jsonl fills a missing field with None)
-            count(skipped, f"no {cfg.text_field!r} field", row)
-        elif not isinstance(text, str):
-            count(skipped, f"{cfg.text_field!r} not text ({type(text).__name__})", row)
-        elif not text.strip():
-            count(skipped, "empty")
-        else:
-            yield text
-
-
-def slot_stream(ds, index, n_slots):
-    """Slot `index`'s share of the stream, every document read by one slot only. With at least as
-    many files as slots, whole files are dealt out (slot j reads files j, j + n_slots, ... of the
-    run's shuffled order; some slots get one more): each slot streams only its own.
-    split_dataset_by_node would do this only when the file count is a multiple of n_slots (DCLM's
-    is not) and otherwise make every slot read every file and keep one row in n_slots. With fewer
-    files than slots, rows are dealt out so."""
-    from datasets.distributed import split_dataset_by_node
-    if ds.num_shards >= n_slots:
-        return ds.shard(n_slots, index, contiguous=False)
-    return split_dataset_by_node(ds, rank=index, world_size=n_slots)
-
-
-class Slot:
-    """The token stream behind one micro-batch position of the global batch: the documents of its
-    slot_stream, joined with EOS and cut into block_size blocks, plus the generator of its masks.
-    A rank owns batch_size / (micro_batch * world) slots, so the global batch and its masks are
-    the same whatever the world size. Its state (stream position, leftover tokens, generator) is
-    a small dict, saved with checkpoints."""
-
-    def __init__(self, ds, index, n_slots, tok, eos, cfg, held_out, device, where):
-        self.ds = slot_stream(ds, index, n_slots)
-        self.tok, self.eos, self.cfg, self.held_out, self.where = tok, eos, cfg, held_out, where
-        self.buffer, self.epoch, self.docs, self.it, self.skipped = [], 0, 0, None, {}
-        self.gen = torch.Generator(device).manual_seed(cfg.seed * fsdp.SLOT_SEED_STRIDE + index)
-
-    def next_doc(self):
-        while True:
-            if self.it is None:
-                self.ds.set_epoch(self.epoch)
-                self.it = documents(self.ds, self.cfg, self.where, self.skipped if self.epoch == 0 else {})
-            for text in self.it:
-                if doc_key(text) not in self.held_out:
-                    self.docs += 1
-                    return text
-            if self.docs == 0:
-                raise common.UserError(
-                    f"{self.where}: a data slot found no training document (all held out, or fewer documents than "
-                    f"the {self.cfg.batch_size // self.cfg.micro_batch} slots"
-                    + (f"; skipped rows: {describe_skipped(self.skipped)}" if self.skipped else "") + ")")
-            self.it, self.epoch = None, self.epoch + 1      # a pass is over: the next epoch, from the start
-
-    def next_batch(self, n):
-        """n blocks of block_size tokens, (n, block_size) int64 on the CPU. Documents are tokenised
-        ENCODE_BATCH at a time (on the prefetch thread: encode_batch releases the GIL, so the
-        training loop runs meanwhile); their tokens wait in the buffer, which a checkpoint saves."""
-        need = n * self.cfg.block_size
-        while len(self.buffer) < need:
-            docs = [self.next_doc() for _ in range(ENCODE_BATCH)]
-            for enc in self.tok.encode_batch(docs, add_special_tokens=False):
-                self.buffer += enc.ids + [self.eos]
-        out, self.buffer = self.buffer[:need], self.buffer[need:]
-        return torch.tensor(out, dtype=torch.long).view(n, self.cfg.block_size)
-
-    def data_state(self):
-        """Where the stream stands (taken right after a batch, on the prefetch thread)."""
-        import copy
-        return dict(ds=copy.deepcopy(self.ds.state_dict()), buffer=list(self.buffer), epoch=self.epoch,
-                    docs=self.docs, skipped=dict(self.skipped))
-
-    def load_state_dict(self, s):
-        self.ds.load_state_dict(s["ds"])
-        self.buffer, self.epoch, self.docs, self.it = list(s["buffer"]), s["epoch"], s["docs"], None
-        self.skipped = dict(s.get("skipped", {}))
-        self.gen.set_state(s["gen"])
-
-
-def held_out_set(ds, tok, eos, cfg, where):
-    """The first eval_docs documents of the stream, packed into eval_seqs sequences, and their keys
-    (training skips any document with one of them)."""
-    skipped = {}
-    docs = list(documents(ds.take(cfg.eval_docs), cfg, where, skipped))
-    if not docs:
-        raise common.UserError(f"{where}: no document with text among the first {cfg.eval_docs} rows"
-                               + (f" (skipped: {describe_skipped(skipped)}; pass --text-field?)" if skipped else
-                                  " (empty file?)"))
-    tokens = [t for enc in tok.encode_batch(docs, add_special_tokens=False) for t in enc.ids + [eos]]
-    n = min(cfg.eval_seqs, len(tokens) // cfg.block_size)
-    if n == 0:
-        raise common.UserError(f"{where}: the {len(docs)} held-out documents hold {len(tokens)} tokens, fewer than "
-                               f"one block of {cfg.block_size}; more data, or a larger --eval-docs")
-    seqs = torch.tensor(tokens[: n * cfg.block_size], dtype=torch.long).view(n, cfg.block_size)
-    return seqs, {doc_key(t) for t in docs}, skipped
-
-
-def describe_skipped(skipped):
-    fields = skipped.get("fields seen")
-    return "; ".join(f"{n} {why}" for why, n in skipped.items() if why != "fields seen") + \
-        (f" (a row's fields: {fields})" if fields else "")
-
-
-def skipped_rows(slots):
-    """Rows the slots skipped, summed over the ranks: the slots split the stream, held-out rows
-    included, so each row read is counted once."""
-    mine = [s.skipped for s in slots.values()]
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine, group=common.CONTROL)
-    total = {}
-    for d in (d for part in parts for d in part):
-        for why, n in d.items():
-            total[why] = n if why == "fields seen" else total.get(why, 0) + n
-    return total
-
-
-def data_source(cfg):
-    return cfg.data or f"{cfg.dataset} (Hub, streamed)"
-
-
-# ----------------------------------------------------------------------------- model
-
 SCRIPT = "pretrain_8b.py"
+BOOKKEEPING = ("log_every", "save_every", "keep", "export_dtype", "ac", "gpu_gib", "last_save_model_only")
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, export_dir=None, plot=False,
+          allow_change=(), timeout_s=600.0):
+    """One pre-training run under torchrun (or as a world of one). Writes OUT_DIR/{run.json, step_*/,
+    log.jsonl, summary.json, export/}; returns the summary (on rank 0; the finished one, marked done,
+    when OUT_DIR holds this very run)."""
+    export_dir = export_dir or os.path.join(out_dir, "export")
+    fsdp.check_run_settings(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    with Run(SCRIPT, cfg, out_dir, resume=resume, allow_change=allow_change, bookkeeping=BOOKKEEPING,
+             inputs=lambda: {"data": dclm.fingerprint(cfg)}, checkpoints=fsdp.ShardedCheckpoints(cfg.keep),
+             torchrun=True, device=device, timeout_s=timeout_s, log_file=True, report=("test_loss", "steps")) as run:
+        if run.done:
+            return run.finished()[0]
+        fsdp.check_export_path(export_dir, out_dir)
+        world, device = run.world, run.device
+
+        with run.together():
+            tok = llada.load_tokenizer(cfg.tokenizer)
+            ids = llada.token_ids(tok, model_lib.get_config(cfg.model))
+            model_cfg = llada.model_config(cfg.model, ids, block_size=cfg.block_size)
+        # data: DCLM's files in an order shuffled by --seed, the first eval_docs documents held out,
+        # the rest dealt to data slots (one per micro-batch of the global batch)
+        eval_seqs, data = dclm.open_data(cfg, tok, ids["eos"], run)
+
+        # model: LLaDA-8B on `meta`, FSDP2 units over the ranks, activation checkpointing by the plan
+        model, opt = fsdp.build(model_cfg, cfg, device, compile_model,
+                                plan.choose_ac(cfg, world.size, device, model_cfg, world))
+        saved = run.restore(model=model, opt=opt, data=data)
+        n_slots = cfg.batch_size // cfg.micro_batch
+        run.log(f"{describe(cfg)}: {model.num_params():,} parameters ({cfg.model}), batch {cfg.batch_size} x "
+                f"{cfg.block_size} ({n_slots // world.size} x {cfg.micro_batch} x {world.size} GPUs), {cfg.max_steps} "
+                f"steps on {device}; data {data.where} ({data.files:,} files, in an order shuffled by --seed); "
+                f"{len(eval_seqs)} held-out sequences")
+
+        ce = masking.compiled_token_ce() if compile_model else masking.token_ce
+        meter = fsdp.Meter(run, cfg, tokens=saved["tokens"] if saved else 0)
+        data.start(run.step, cfg.max_steps, length=lambda step: sequence_length(step, cfg))
+        for step in range(run.step, cfg.max_steps):
+            # ----------------------------------------------------------------------------- the step
+            lr = lr_at(step, cfg.lr, warmup=cfg.warmup, max_steps=cfg.max_steps, schedule=cfg.schedule,
+                       min_lr=cfg.min_lr, decay_frac=cfg.decay_frac)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            micro = data.next()                # this rank's micro-batches, one per data slot, with its masks' generator
+            length = micro[0][0].shape[1]
+            with fsdp.eager_unless(length == cfg.block_size):        # random-length steps: no new graph
+                for x0, gen in micro:          # t ~ U[t0, t1], masks, forward at masked positions, 1/t-weighted CE
+                    loss, masked = masking.md_step_loss(model, x0.to(device, non_blocking=True), model.cfg.mask_id,
+                                                        cfg.t0, cfg.t1, generator=gen, ce_fn=ce)
+                    (loss / len(micro)).backward()
+                    meter.add(loss, masked, len(micro))
+            norm = clip_gradients(model.parameters(), cfg.grad_clip)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            meter.skip_if_not_finite(opt, norm, length)        # the fused AdamW skips a non-finite step on the device
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            # -----------------------------------------------------------------------------
+            done = step + 1
+            if not meter.due(done):
+                continue                       # no host sync between check steps
+            loss, frac = meter.check(done)     # every rank meets: a non-finite step stops the run here
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                line, record = meter.record(done, lr, norm, loss, frac, model)
+                run.log(line, **record)
+            if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                nll = fsdp.heldout_nll(model, eval_seqs, cfg, device)
+                run.log(f"step {done:6d} | held-out NLL {nll:.4f} (full-range bound, nats/token)", step=done,
+                        test_loss=nll)
+            if done % cfg.save_every == 0 or done == cfg.max_steps:
+                run.save(done, model=model, opt=opt, data=data, tokens=meter.tokens,
+                         model_only=done == cfg.max_steps and cfg.last_save_model_only)
+
+        skipped = data.skipped()
+        if skipped:
+            run.log(f"skipped rows of {data.where}: {dclm.describe_skipped(skipped)}", skipped=skipped)
+        run.complete_checkpoints()             # the last checkpoint whole on disk before the export
+        fsdp.export(model, export_dir, tok, ids, cfg.export_dtype)
+        summary = run.finish(dict(fsdp.run_summary(run, model, meter), export=export_dir, skipped_rows=skipped))
+    if plot and run.master:
+        plot_runs([out_dir], os.path.join(out_dir, "heldout_nll.png"))
+    return summary
 
 
 def sequence_length(step, cfg):
     """LLaDA: with probability random_length_prob a step trains on a length uniform on [1, block],
     drawn from a generator seeded by the step, so every rank crops to the same length."""
-    g = torch.Generator().manual_seed(cfg.seed * fsdp.SLOT_SEED_STRIDE + step)
+    g = torch.Generator().manual_seed(cfg.seed * dclm.SLOT_SEED_STRIDE + step)
     if torch.rand((), generator=g).item() < cfg.random_length_prob:
         return int(torch.randint(1, cfg.block_size + 1, (), generator=g))
     return cfg.block_size
 
 
-def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, export_dir=None, plot=False,
-          allow_change=(), timeout_s=600.0):
-    """One pre-training run under torchrun (or as a world of one). Writes OUT_DIR/{run.json, step_*/,
-    log.jsonl, summary.json, export/}; returns the summary on rank 0 (None elsewhere), or "done" when
-    OUT_DIR holds this very run, finished."""
-    rank, world, device = fsdp.setup(device, timeout_s)
-    fsdp.check_config(cfg, world)
-    if fsdp.prepare_run(SCRIPT, out_dir, export_dir, resume, asdict(cfg), rank, allow_change) == "done":
-        return "done"
-    tok = common.on_every_rank(fsdp.load_tokenizer, cfg.tokenizer)
-    ids = fsdp.token_ids(tok, model_lib.get_config(cfg.model))
-    model_cfg = fsdp.model_config(cfg.model, ids, block_size=cfg.block_size)
-    builder, files, data_id = data_files(cfg)
-    ds = common.on_every_rank(open_documents, builder, files)
-    where = data_source(cfg)
-    eval_seqs, held_out, _ = common.on_every_rank(held_out_set, ds, tok, ids["eos"], cfg, where)
-    n_slots = cfg.batch_size // cfg.micro_batch
-    slots = {i: Slot(ds, i, n_slots, tok, ids["eos"], cfg, held_out, device, where)
-             for i in range(rank, n_slots, world)}                 # micro-step k uses slot rank + k * world
-    model, opt = fsdp.build(model_cfg, cfg, device, compile_model, plan.choose_ac(cfg, world, device, model_cfg))
-    latest = fsdp.latest_checkpoint(out_dir) if resume else None
-    run = fsdp.resume_from(latest, model, opt, slots, n_slots, cfg, data_id, allow_change)
-    if rank == 0:
-        common.mark_run(out_dir, SCRIPT, asdict(cfg))
-    log = fsdp.Logger(out_dir, rank == 0)
-    log(fsdp.resumed(latest, run) if latest else
-        f"{fsdp.describe(cfg)}: {model.num_params():,} parameters ({cfg.model}), batch {cfg.batch_size} x "
-        f"{cfg.block_size} ({n_slots // world} x {cfg.micro_batch} x {world} GPUs), {cfg.max_steps} steps on "
-        f"{device}; data {where} ({len(files):,} files, in an order shuffled by --seed); {len(eval_seqs)} held-out "
-        f"sequences", **({"resumed": run["step"]} if latest else {}))
+def describe(cfg):
+    return f"MD U[{cfg.t0:g}, {cfg.t1:g}]"
 
-    def batches(step):     # LLaDA's random length crops every sequence of the step alike
-        L = sequence_length(step, cfg)
-        return [(slots[i].next_batch(cfg.micro_batch)[:, :L], None) for i in sorted(slots)]
-    evaluate = lambda: fsdp.heldout_nll(model, eval_seqs, cfg, device)
-    run = fsdp.train_loop(cfg, model, opt, slots, batches, evaluate, out_dir, device, fsdp.loss_ce(compile_model),
-                          log, run)
-    skipped = skipped_rows(slots)
-    if skipped:
-        log(f"skipped rows of {where}: {describe_skipped(skipped)}", skipped=skipped)
-    return fsdp.finish(SCRIPT, cfg, model, out_dir, export_dir, tok, ids, run, plot, skipped_rows=skipped)
+
+def default_out_dir(cfg, preset):
+    """out/pretrain/<preset>_U<t0>-<t1>_s<seed>: the README's two runs land in folders of their own."""
+    return os.path.join("out", "pretrain", f"{preset}_U{cfg.t0:g}-{cfg.t1:g}_s{cfg.seed}")
+
+
+def plot_runs(run_dirs, path):
+    """Fig. 4: the held-out NLL of finished pre-training runs against the step."""
+    fsdp.plot_runs(run_dirs, SCRIPT, path, "Fig. 4: pre-training test loss", "held-out NLL (full-range bound, nats/token)")
 
 
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Pre-training'.")
-    fsdp.add_run_args(p, PretrainConfig, "fig4_heldout_nll.png", presets=PRESETS, preset="llada-8b", t0=0.0, t1=1.0)
-    p.add_argument("--benchmark", action="store_true", help="time full-width training steps (see --bench-layers)")
-    p.add_argument("--bench-layers", type=int, default=4, help="--benchmark: blocks (0: the preset's) (%(default)s)")
-    p.add_argument("--bench-steps", type=int, default=10, help="--benchmark: timed steps (%(default)s)")
-    p.add_argument("--bench-trace", action="store_true", help="--benchmark: also trace the same step on fake tensors, "
-                                                              "for the traced peak memory beside the measured one")
-    return p.parse_args(argv)
-
-
-def default_out_dir(cfg, preset):
-    """out/pretrain/<preset>_U<t0>-<t1>_s<seed>: the README's two runs land in folders of their own."""
-    return os.path.join("out", "pretrain", common.run_name(preset, common.interval_name(cfg.t0, cfg.t1),
-                                                           f"s{cfg.seed}"))
+    """(flags, settings): the preset's settings, then every flag given."""
+    p = cli.parser(__doc__.split("\n\n")[0] + " See README 'Pre-training'.", presets=PRESETS, preset="llada-8b",
+                   t0=0.0, t1=1.0, torchrun=True,
+                   resume_help="continue from the newest complete checkpoint in OUT_DIR (none yet: a fresh run; a "
+                               "launcher may always pass it)",
+                   dry_run_help="print the plan (parameters, FLOPs, memory per GPU by arithmetic and by a trace of "
+                                "one step on fake tensors, time) and exit")
+    data = p.add_argument_group("data and model")
+    data.add_argument("--model", help="a model.py preset")
+    data.add_argument("--dataset", help="Hub dataset, streamed (--data reads local files instead)")
+    data.add_argument("--data", help="local file or folder: .txt/.raw (a document per line), .jsonl/.json (also "
+                                     ".zstd/.gz, DCLM's layout) or .parquet")
+    data.add_argument("--text-field", help="the column of --data / --dataset holding the document text")
+    data.add_argument("--tokenizer", help="Hub id, tokenizer.json or a folder holding one; '' = bytes")
+    data.add_argument("--random-length-prob", type=float, help="LLaDA: the share of steps trained on a random length "
+                                                               "in [1, block]")
+    data.add_argument("--eval-docs", type=int, help="the first documents of the stream, held out from training")
+    data.add_argument("--eval-seqs", type=int, help="held-out sequences scored")
+    fsdp.add_run_flags(p)
+    plan.add_flags(p, benchmark=True)
+    return cli.parse(p, argv, PretrainConfig, PRESETS)
 
 
 def main(argv=None):
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = common.config_from_args(a, PretrainConfig, PRESETS)
-    common.check_interval(cfg.t0, cfg.t1)
+    a, cfg = parse_args(argv)
     if a.plot_runs:
-        return fsdp.plot_runs_cli(a)
-    fsdp.check_plan_args(a)
-    if a.dry_run:
-        world = a.world_size or int(os.environ.get("WORLD_SIZE", "8"))
-        fsdp.check_config(cfg, world)
-        plan.plan(cfg, world, a.plan_mfu, paper_hours=20 if cfg.model == "llada-8b" else None, traced=a.trace)
+        path = os.path.join(a.out_dir or "out/fig4", "fig4_heldout_nll.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        plot_runs(a.plot_runs, path)
+        print(f"wrote {path}")
         return
-    device = common.pick_device(a.device)
+    if a.dry_run:
+        plan.dry_run(cfg, a, paper_hours=20 if cfg.model == "llada-8b" else None)
+        return
+    device = cli.pick_device(a.device)
     compile_model = device.startswith("cuda") if a.compile is None else a.compile    # on by default on GPUs
     if a.benchmark:
-        try:
-            out = plan.benchmark(cfg, device, compile_model, a.bench_layers, a.bench_steps, timeout_s=a.dist_timeout,
-                                 traced=a.bench_trace)
-            if common.rank() == 0:
-                bench_dir = a.out_dir or os.path.join("out", "pretrain", f"benchmark_{a.preset}")
-                common.prepare_out_dir(bench_dir)
-                common.write_json(os.path.join(bench_dir, "benchmark.json"), out)
-        finally:
-            fsdp.teardown()
+        plan.run_benchmark(cfg, a, device, compile_model)
         return
     out_dir = a.out_dir or default_out_dir(cfg, a.preset)
-    fsdp.run_training(train, cfg, a, out_dir, device, compile_model, lambda s: (
-        f"{fsdp.describe(cfg)}: held-out NLL {s['test_loss']:.4f} nats/token after {s['steps']} steps "
-        f"({s['tokens']:,} tokens, {s['seconds']:.0f}s)"))
+    summary = train(cfg, out_dir, device=device, resume=a.resume, compile_model=compile_model, export_dir=a.export,
+                    plot=a.plot, allow_change=a.allow_change, timeout_s=a.dist_timeout)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if not summary.get("done"):
+        print(f"{describe(cfg)}: held-out NLL {summary['test_loss']:.4f} nats/token after {summary['steps']} steps "
+              f"({summary['tokens']:,} tokens, {summary['seconds']:.0f}s); wrote {out_dir}/summary.json, "
+              f"{summary['export']}")
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    cli.run_cli(main)

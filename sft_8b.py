@@ -13,28 +13,27 @@ is right-padded with EOS to the block and the padding counts as answer, so the m
 to stop; the loss is normalised per row by its answer length (LLaDA's Eq. 5 and its GUIDELINES.md
 recipe; the paper does not say).
 
-Distributed setup, FSDP2, the training loop, checkpoints and export are fsdp.py's (shared with
-pretrain_8b.py); the plan and --ac auto are plan.py's.
+Reading order: Table 4's settings and the interval presets, then train(): the rows in LLaDA's chat
+format, the --init model under FSDP2, the loop with its step, the held-out answer NLL, checkpoints,
+the export and the summary; then the chat format, the rows, the model and the command line.
 """
-import argparse
 import os
-import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-import common
-import fsdp
 import masking
-import model as model_lib
-import plan
+from machinery import cli, distributed, fsdp, llada, plan
+from machinery.cli import UserError
+from machinery.optim import clip_gradients, lr_at
+from machinery.run import Run
 
 TULU = "allenai/tulu-3-sft-personas-math-filtered"
 
 
 @dataclass
 class SFTConfig:
-    init: str = fsdp.LLADA              # Hub id or LLaDA-format folder (a pretrain_8b.py export too); "" = scratch
+    init: str = llada.LLADA              # Hub id or LLaDA-format folder (a pretrain_8b.py export too); "" = scratch
     model: str = "tiny"               # model.py preset when --init is ""
     dataset: str = TULU               # Hub dataset with a `messages` column; --data reads a local jsonl instead
     data: str = ""                    # local jsonl of rows with `messages` (no download)
@@ -77,50 +76,110 @@ PRESETS["tiny"] = dict(init="", model="tiny", block_size=64, batch_size=8, micro
                        save_every=5, export_dtype="float32")
 
 
-# ----------------------------------------------------------------------------- chat format
-
 SCRIPT = "sft_8b.py"
+BOOKKEEPING = ("log_every", "save_every", "keep", "export_dtype", "ac", "gpu_gib", "last_save_model_only")
 EPOCH_SEED_STRIDE = 7919        # epoch e of a run seeded s orders its rows by generator s * stride + e
+SLOT_SEED_STRIDE = 1_000_003    # slot i of a run seeded s draws its masks from generator s * stride + i
 
 
-def content_text(content):
-    """A message's text: a string, or the text parts of a list of parts ({"type": "text", "text": ...});
-    anything else (null, a number, parts without text) raises ValueError saying what it is, so that
-    it is never str()-ed into training data ("None", a list's repr)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and content and all(isinstance(p, dict) and isinstance(p.get("text"), str)
-                                                     for p in content):
-        return "".join(p["text"] for p in content)
-    raise ValueError(f"a message's content is {type(content).__name__ if content is not None else 'null'}, not text")
+# ----------------------------------------------------------------------------- the experiment
+
+def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, export_dir=None, plot=False,
+          allow_change=(), timeout_s=600.0):
+    """One SFT run under torchrun (or as a world of one); returns the summary (the finished one, marked
+    done, when OUT_DIR holds this very run)."""
+    export_dir = export_dir or os.path.join(out_dir, "export")
+    fsdp.check_run_settings(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    inputs = {"data": cfg.data or cfg.dataset, "init": cfg.init or "scratch"}
+    with Run(SCRIPT, cfg, out_dir, resume=resume, allow_change=allow_change, bookkeeping=BOOKKEEPING, inputs=inputs,
+             checkpoints=fsdp.ShardedCheckpoints(cfg.keep), torchrun=True, device=device, timeout_s=timeout_s,
+             log_file=True, report=("test_loss", "steps")) as run:
+        if run.done:
+            return run.finished()[0]
+        fsdp.check_export_path(export_dir, out_dir)
+        world, device = run.world, run.device
+        with run.together():
+            # the chat format (LLaDA's template) and the model to fine-tune: --init's, or a preset from scratch
+            tok, ids = llada.chat_tokenizer(cfg.tokenizer, cfg.init)
+            model_cfg = llada.init_config(cfg.init, cfg.model, ids, cfg.block_size)
+            # data: each usable row as prompt + answer + EOS padding with its answer mask; the first eval_rows held out
+            all_ids, all_masks, skipped = encode_rows(load_rows(cfg), tok, ids["eos"], cfg.block_size)
+            if len(all_ids) <= cfg.eval_rows:
+                raise UserError(f"{cfg.data or cfg.dataset}: {len(all_ids)} usable rows, not more than the "
+                                f"{cfg.eval_rows} held out (--eval-rows); skipped: {describe_skipped(skipped) or 'none'}")
+            eval_ids, eval_masks, train_ids, train_masks, duplicates = split_held_out(all_ids, all_masks, cfg.eval_rows)
+            if len(train_ids) == 0:
+                raise UserError(f"{cfg.data or cfg.dataset}: every training row repeats a held-out row")
+            data = Slots(train_ids, train_masks, cfg, world)
+
+        # model: --init's weights (LLaDA-8B-Base) into FSDP2 shards, activation checkpointing by the plan
+        model, opt = fsdp.build(model_cfg, cfg, device, compile_model,
+                                plan.choose_ac(cfg, world.size, device, model_cfg, world))
+        if cfg.init:
+            with run.together(), cli.user_input():          # weights that do not fit: one line naming the file
+                fsdp.load_sharded(model, cfg.init)
+        saved = run.restore(model=model, opt=opt, data=data)
+        n_slots = cfg.batch_size // cfg.micro_batch
+        run.log(f"SFT {describe(cfg)} from {cfg.init or 'scratch (' + cfg.model + ')'}: {model.num_params():,} "
+                f"parameters, {len(train_ids):,} training rows ({len(eval_ids)} held out" + (
+                    f", {duplicates} training rows repeating them dropped" if duplicates else "") +
+                f"), batch {cfg.batch_size} x {cfg.block_size} ({n_slots // world.size} x {cfg.micro_batch} x "
+                f"{world.size} GPUs), {cfg.max_steps} steps on {device}")
+        if skipped:
+            run.log(f"skipped {sum(c for _, c in skipped.values())} malformed rows: {describe_skipped(skipped)}",
+                    skipped={k: c for k, (_, c) in skipped.items()})
+
+        ce = masking.compiled_token_ce() if compile_model else masking.token_ce
+        meter = fsdp.Meter(run, cfg, tokens=saved["tokens"] if saved else 0)
+        for step in range(run.step, cfg.max_steps):
+            # ----------------------------------------------------------------------------- the step
+            lr = lr_at(step, cfg.lr, warmup=cfg.warmup, max_steps=cfg.max_steps, schedule=cfg.schedule,
+                       min_lr=cfg.min_lr, decay_frac=cfg.decay_frac)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            micro = data.batch(step)           # this rank's micro-batches (rows, answer masks), one per data slot
+            for x0, answer, gen in micro:      # t ~ U[t0, t1] masks answer positions only; 1/t CE per answer length
+                loss, masked = masking.md_step_loss(model, x0.to(device, non_blocking=True), model.cfg.mask_id, cfg.t0,
+                                                    cfg.t1, generator=gen, maskable=answer.to(device, non_blocking=True),
+                                                    ce_fn=ce)
+                (loss / len(micro)).backward()
+                meter.add(loss, masked, len(micro))
+            norm = clip_gradients(model.parameters(), cfg.grad_clip)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            meter.skip_if_not_finite(opt, norm, cfg.block_size)    # the fused AdamW skips a non-finite step
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            # -----------------------------------------------------------------------------
+            done = step + 1
+            if not meter.due(done):
+                continue                       # no host sync between check steps
+            loss, frac = meter.check(done)     # every rank meets: a non-finite step stops the run here
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                line, record = meter.record(done, lr, norm, loss, frac, model)
+                run.log(line, **record)
+            if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                nll = fsdp.heldout_nll(model, eval_ids, cfg, device, maskable=eval_masks)
+                run.log(f"step {done:6d} | held-out answer NLL {nll:.4f} (full-range bound, nats/token)", step=done,
+                        test_loss=nll)
+            if done % cfg.save_every == 0 or done == cfg.max_steps:
+                run.save(done, model=model, opt=opt, data=data, tokens=meter.tokens,
+                         model_only=done == cfg.max_steps and cfg.last_save_model_only)
+
+        run.complete_checkpoints()             # the last checkpoint whole on disk before the export
+        fsdp.export(model, export_dir, tok, ids, cfg.export_dtype)
+        summary = run.finish(dict(fsdp.run_summary(run, model, meter), export=export_dir,
+                                  skipped_rows={k: c for k, (_, c) in skipped.items()},
+                                  held_out_duplicates_dropped=duplicates))
+    if plot and run.master:
+        plot_runs([out_dir], os.path.join(out_dir, "heldout_nll.png"))
+    return summary
 
 
-def chat_text(messages):
-    """LLaDA's chat template (its tokenizer_config.json), as text: BOS, then per message
-    <|start_header_id|>role<|end_header_id|>\\n\\n content.strip() <|eot_id|>. The prompt is every
-    turn before the last assistant turn plus the assistant header; the answer is that turn's
-    content and <|eot_id|>. Returns (prompt, answer); a malformed conversation raises ValueError
-    saying how."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                 for m in messages):
-        raise ValueError("`messages` is not a list of {role, content}")
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise ValueError("no assistant turn")
-    turn = lambda m: f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{content_text(m['content']).strip()}<|eot_id|>"
-    prompt = "<|startoftext|>" + "".join(turn(m) for m in messages[:last]) + \
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    return prompt, content_text(messages[last]["content"]).strip() + "<|eot_id|>"
+def describe(cfg):
+    return f"MD U[{cfg.t0:g}, {cfg.t1:g}]"
 
 
-def chat_ids(tok, messages):
-    """(prompt ids, answer ids) of a conversation. Prompt and answer are encoded apart, so the
-    boundary is exact: the prompt's ids are what the model is given at inference, the answer's what
-    it must write after them (encoded together, a pre-tokenizer may merge across the boundary and
-    shift the answer's mask by a token)."""
-    prompt, answer = chat_text(messages)
-    return tok.encode(prompt, add_special_tokens=False).ids, tok.encode(answer, add_special_tokens=False).ids
-
+# ----------------------------------------------------------------------------- the rows
 
 def encode_rows(rows, tok, eos, block):
     """Every usable row as (ids, answer mask), both `block` long: prompt, answer, EOS padding (part of
@@ -135,7 +194,7 @@ def encode_rows(rows, tok, eos, block):
         try:
             if row.get("messages") is None:
                 raise ValueError("no `messages`")
-            texts.append((n, *chat_text(row["messages"])))
+            texts.append((n, *llada.chat_text(row["messages"])))
         except ValueError as e:
             skip(n, str(e))
     prompts = tok.encode_batch([p for _, p, _ in texts], add_special_tokens=False)
@@ -171,15 +230,15 @@ def load_rows(cfg):
     datasets.disable_progress_bars()
     if cfg.data:
         if not os.path.exists(cfg.data):
-            raise common.UserError(f"--data {cfg.data} does not exist")
+            raise UserError(f"--data {cfg.data} does not exist")
         try:
             return datasets.load_dataset("json", data_files=[cfg.data], split="train")
         except Exception as e:
-            raise common.UserError(f"could not read --data {cfg.data} as jsonl ({type(e).__name__})") from None
+            raise UserError(f"could not read --data {cfg.data} as jsonl ({type(e).__name__})") from None
     try:
         return datasets.load_dataset(cfg.dataset, split="train")
     except Exception as e:
-        raise common.UserError(f"could not load {cfg.dataset} from the Hub ({type(e).__name__}); offline, pass --data "
+        raise UserError(f"could not load {cfg.dataset} from the Hub ({type(e).__name__}); offline, pass --data "
                                f"with a local jsonl of rows with `messages`") from None
 
 
@@ -190,7 +249,7 @@ class Rows:
 
     def __init__(self, ids, masks, index, cfg, device):
         self.ids, self.masks, self.index, self.cfg = ids, masks, index, cfg
-        self.gen = torch.Generator(device).manual_seed(cfg.seed * fsdp.SLOT_SEED_STRIDE + index)
+        self.gen = torch.Generator(device).manual_seed(cfg.seed * SLOT_SEED_STRIDE + index)
         self.epoch, self.perm = None, None
 
     def order(self, epoch):
@@ -205,158 +264,99 @@ class Rows:
         rows = torch.stack([self.order(int(e))[r] for e, r in zip(at // n, at % n)])
         return self.ids[rows], self.masks[rows]
 
-    def data_state(self):
-        return {}                # the rows of a step follow from the step
-
     def load_state_dict(self, s):
         self.gen.set_state(s["gen"])
 
 
-# ----------------------------------------------------------------------------- model
+class Slots:
+    """This rank's data slots: slot j (rank + k x world) is the j-th micro-batch of every step's
+    global batch, so the rows and masks of a step are the same at any world size. A checkpoint
+    keeps every slot's mask generator (the rows follow from the step)."""
 
-def init_config(cfg, ids):
-    """The model to fine-tune: --init's config.json (every field checked), or a model.py preset when
-    training from scratch."""
-    if not cfg.init:
-        return fsdp.model_config(cfg.model, ids, block_size=cfg.block_size)
-    folder = init_folder(cfg.init)
-    mc = fsdp.read_model_config(folder, "--init")
-    if cfg.block_size > mc.block_size:
-        raise common.UserError(f"--block-size {cfg.block_size} exceeds --init's max_sequence_length {mc.block_size}")
-    if ids["vocab"] > mc.vocab_size:
-        raise common.UserError(f"the tokenizer has {ids['vocab']:,} ids; the --init model only {mc.vocab_size:,}")
-    with common.user_input():
-        masking.check_mask_id(ids["mask"], ids["vocab"], mc.vocab_size, ids["special"])
-    return replace(mc, mask_id=ids["mask"])
+    def __init__(self, ids, masks, cfg, world):
+        n_slots = cfg.batch_size // cfg.micro_batch
+        self.world, self.n_slots = world, n_slots
+        self.rows = {i: Rows(ids, masks, i, cfg, world.device) for i in range(world.rank, n_slots, world.size)}
 
+    def batch(self, step):
+        """[(rows, answer masks, the generator of their masks)] of this rank's slots at `step`."""
+        return [(*r.batch(step), r.gen) for _, r in sorted(self.rows.items())]
 
-def init_folder(init):
-    """--init as a local folder (a Hub id is downloaded); a name that is neither is one line."""
-    with common.user_input():
-        return model_lib.checkpoint_folder(init, "--init")
+    def state_dict(self):
+        mine = {i: {"gen": r.gen.get_state()} for i, r in self.rows.items()}
+        return {i: s for part in distributed.gather(mine, self.world) for i, s in part.items()}
 
-
-def tokenizer_source(cfg):
-    if cfg.tokenizer or not cfg.init:
-        return cfg.tokenizer
-    return init_folder(cfg.init)
-
-
-def planned_model(cfg):
-    """--dry-run's model: --init's config.json (a local folder, or only that file from the Hub), or
-    the preset's when training from scratch; LLaDA-8B-Base's architecture for its Hub id."""
-    if not cfg.init:
-        return None
-    if cfg.init == fsdp.LLADA:
-        return model_lib.get_config("llada-8b")
-    if os.path.isdir(cfg.init):
-        return fsdp.read_model_config(cfg.init, "--init")
-    from huggingface_hub import hf_hub_download
-    try:
-        path = hf_hub_download(cfg.init, "config.json")
-    except Exception as e:
-        raise common.UserError(f"--init {cfg.init}: no local folder, and its config.json could not be had from the "
-                               f"Hub ({type(e).__name__})") from None
-    return fsdp.read_model_config(os.path.dirname(path), "--init")
-
-
-# ----------------------------------------------------------------------------- the run
-
-def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, export_dir=None, plot=False,
-          allow_change=(), timeout_s=600.0):
-    """One SFT run under torchrun (or as a world of one); returns the summary on rank 0, or "done"
-    when OUT_DIR holds this very run, finished."""
-    rank, world, device = fsdp.setup(device, timeout_s)
-    fsdp.check_config(cfg, world)
-    if fsdp.prepare_run(SCRIPT, out_dir, export_dir, resume, asdict(cfg), rank, allow_change) == "done":
-        return "done"
-    tok = common.on_every_rank(lambda: fsdp.load_tokenizer(tokenizer_source(cfg)))
-    common.on_every_rank(fsdp.chat_tokens, tok)
-    ids = fsdp.token_ids(tok)
-    if ids["bos"] is None:
-        raise common.UserError("the tokenizer has no <|startoftext|> (BOS), which LLaDA's chat template starts with")
-    model_cfg = common.on_every_rank(init_config, cfg, ids)
-    rows = common.on_every_rank(load_rows, cfg)
-    all_ids, all_masks, skipped = encode_rows(rows, tok, ids["eos"], cfg.block_size)
-    if len(all_ids) <= cfg.eval_rows:
-        raise common.UserError(f"{cfg.data or cfg.dataset}: {len(all_ids)} usable rows, not more than the "
-                               f"{cfg.eval_rows} held out (--eval-rows); skipped: {describe_skipped(skipped) or 'none'}")
-    eval_ids, eval_masks, train_ids, train_masks, duplicates = split_held_out(all_ids, all_masks, cfg.eval_rows)
-    if len(train_ids) == 0:
-        raise common.UserError(f"{cfg.data or cfg.dataset}: every training row repeats a held-out row")
-    n_slots = cfg.batch_size // cfg.micro_batch
-    slots = {i: Rows(train_ids, train_masks, i, cfg, device) for i in range(rank, n_slots, world)}
-    model, opt = fsdp.build(model_cfg, cfg, device, compile_model, plan.choose_ac(cfg, world, device, model_cfg))
-    if cfg.init:
-        common.on_every_rank(lambda: load_init(model, cfg.init))
-    latest = fsdp.latest_checkpoint(out_dir) if resume else None
-    run = fsdp.resume_from(latest, model, opt, slots, n_slots, cfg, None, allow_change)
-    if rank == 0:
-        common.mark_run(out_dir, SCRIPT, asdict(cfg))
-    log = fsdp.Logger(out_dir, rank == 0)
-    log(fsdp.resumed(latest, run) if latest else
-        f"SFT {fsdp.describe(cfg)} from {cfg.init or 'scratch (' + cfg.model + ')'}: {model.num_params():,} parameters, "
-        f"{len(train_ids):,} training rows ({len(eval_ids)} held out" + (f", {duplicates} training rows repeating "
-        f"them dropped" if duplicates else "") + f"), batch {cfg.batch_size} x {cfg.block_size} ({n_slots // world} x "
-        f"{cfg.micro_batch} x {world} GPUs), {cfg.max_steps} steps on {device}", **({"resumed": run["step"]} if latest
-                                                                                    else {}))
-    if skipped:
-        log(f"skipped {sum(c for _, c in skipped.values())} malformed rows: {describe_skipped(skipped)}",
-            skipped={k: c for k, (_, c) in skipped.items()})
-    batches = lambda s: [slots[i].batch(s) for i in sorted(slots)]
-    evaluate = lambda: fsdp.heldout_nll(model, eval_ids, cfg, device, maskable=eval_masks)
-    run = fsdp.train_loop(cfg, model, opt, slots, batches, evaluate, out_dir, device, fsdp.loss_ce(compile_model),
-                          log, run)
-    return fsdp.finish(SCRIPT, cfg, model, out_dir, export_dir, tok, ids, run, plot,
-                       skipped_rows={k: c for k, (_, c) in skipped.items()}, held_out_duplicates_dropped=duplicates)
-
-
-def load_init(model, init):
-    """--init's weights into the sharded model; one that does not fit is one line."""
-    with common.user_input():
-        fsdp.load_sharded(model, init)
+    def load_state_dict(self, states):
+        if len(states) != self.n_slots:
+            raise UserError(f"the checkpoint has {len(states)} data slots, this run {self.n_slots} (batch / "
+                            f"micro-batch); resume with the same --batch-size and --micro-batch")
+        for i, r in self.rows.items():
+            r.load_state_dict(states[i])
 
 
 def describe_skipped(skipped):
     return "; ".join(f"{count} with {why} (first: row {first})" for why, (first, count) in skipped.items())
 
 
-# ----------------------------------------------------------------------------- command line
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README 'Fine-tuning'.")
-    fsdp.add_run_args(p, SFTConfig, "heldout_nll_runs.png", presets=PRESETS, preset="t0-1", t0=None, t1=None)
-    return p.parse_args(argv)
-
 
 def default_out_dir(cfg, preset):
     """out/sft/<preset>_U<t0>-<t1>_s<seed>: each interval of Tables 2-3 in a folder of its own."""
-    return os.path.join("out", "sft", common.run_name(preset, common.interval_name(cfg.t0, cfg.t1), f"s{cfg.seed}"))
+    return os.path.join("out", "sft", f"{preset}_U{cfg.t0:g}-{cfg.t1:g}_s{cfg.seed}")
+
+
+def plot_runs(run_dirs, path):
+    """The held-out answer NLL of finished SFT runs against the step."""
+    fsdp.plot_runs(run_dirs, SCRIPT, path, "SFT: held-out answer NLL", "held-out answer NLL (full-range bound, "
+                                                                        "nats/token)")
+
+
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv):
+    """(flags, settings): the preset's settings, then every flag given."""
+    p = cli.parser(__doc__.split("\n\n")[0] + " See README 'Fine-tuning'.", presets=PRESETS, preset="t0-1",
+                   t0=None, t1=None, torchrun=True,
+                   resume_help="continue from the newest complete checkpoint in OUT_DIR (none yet: a fresh run; a "
+                               "launcher may always pass it)",
+                   dry_run_help="print the plan (parameters, FLOPs, memory per GPU by arithmetic and by a trace of "
+                                "one step on fake tensors, time) and exit")
+    data = p.add_argument_group("model and data")
+    data.add_argument("--init", help="Hub id or LLaDA-format folder (a pretrain_8b.py export too); '' = from scratch")
+    data.add_argument("--model", help="model.py preset when --init is ''")
+    data.add_argument("--dataset", help="Hub dataset with a `messages` column (--data reads a local jsonl instead)")
+    data.add_argument("--data", help="local jsonl of rows with `messages` (no download)")
+    data.add_argument("--tokenizer", help="tokenizer.json or a folder holding one (default: --init's; bytes from "
+                                          "scratch)")
+    data.add_argument("--eval-rows", type=int, help="the first usable rows, held out: their answers' full-range bound")
+    fsdp.add_run_flags(p)
+    plan.add_flags(p)
+    return cli.parse(p, argv, SFTConfig, PRESETS)
 
 
 def main(argv=None):
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = common.config_from_args(a, SFTConfig, PRESETS)
-    common.check_interval(cfg.t0, cfg.t1)
+    a, cfg = parse_args(argv)
     if a.plot_runs:
-        return fsdp.plot_runs_cli(a)
-    fsdp.check_plan_args(a)
-    if a.dry_run:
-        world = a.world_size or int(os.environ.get("WORLD_SIZE", "8"))
-        fsdp.check_config(cfg, world)
-        mc = planned_model(cfg)
-        if mc is not None and cfg.block_size > mc.block_size:
-            raise common.UserError(f"--block-size {cfg.block_size} exceeds --init's max_sequence_length {mc.block_size}")
-        plan.plan(cfg, world, a.plan_mfu, paper_hours=6 if cfg.init == fsdp.LLADA else None, model_cfg=mc,
-                  traced=a.trace)
+        path = os.path.join(a.out_dir or "out/sft_runs", "heldout_nll_runs.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        plot_runs(a.plot_runs, path)
+        print(f"wrote {path}")
         return
-    device = common.pick_device(a.device)
+    if a.dry_run:
+        plan.dry_run(cfg, a, paper_hours=6 if cfg.init == llada.LLADA else None, model_cfg=llada.planned_config(cfg.init))
+        return
+    device = cli.pick_device(a.device)
     compile_model = device.startswith("cuda") if a.compile is None else a.compile    # on by default on GPUs
     out_dir = a.out_dir or default_out_dir(cfg, a.preset)
-    fsdp.run_training(train, cfg, a, out_dir, device, compile_model, lambda s: (
-        f"SFT {fsdp.describe(cfg)}: held-out answer NLL {s['test_loss']:.4f} nats/token after {s['steps']} steps "
-        f"({s['seconds']:.0f}s)"))
+    summary = train(cfg, out_dir, device=device, resume=a.resume, compile_model=compile_model, export_dir=a.export,
+                    plot=a.plot, allow_change=a.allow_change, timeout_s=a.dist_timeout)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if not summary.get("done"):
+        print(f"SFT {describe(cfg)}: held-out answer NLL {summary['test_loss']:.4f} nats/token after "
+              f"{summary['steps']} steps ({summary['seconds']:.0f}s); wrote {out_dir}/summary.json, {summary['export']}")
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    cli.run_cli(main)

@@ -20,7 +20,9 @@ import os
 
 import numpy as np
 
-import common
+from machinery import cli, corpus
+from machinery.files import save_figure
+from machinery.run import Run, done_line
 
 SCRIPT = "theory.py"
 PAPER_WIKITEXT_WEIGHTS = {2: 0.7427, 3: 0.2063, 4: 0.0401, 5: 0.0084, 6: 0.0024}   # App. F.4
@@ -396,7 +398,7 @@ def make_plots(out_dir, n, k, delta, corpus_weights=None, energies=None):
         ax.plot(b, signal_prob(0, b, kk), "o", color=line.get_color())
     ax.set(xlabel="t1  (t ~ U[0, t1])", ylabel="P_S", title="Signal probability P_S vs t1 (dots: optimum)")
     ax.legend(ncol=2)
-    common.save_figure(fig, os.path.join(out_dir, "signal_prob.png"))
+    save_figure(fig, os.path.join(out_dir, "signal_prob.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     sets = [("paper's WikiText weights", PAPER_WIKITEXT_WEIGHTS)] + ([("corpus weights", corpus_weights)]
@@ -410,7 +412,7 @@ def make_plots(out_dir, n, k, delta, corpus_weights=None, energies=None):
             ax.axvline(ts, color=line.get_color(), ls=":", lw=1)
     ax.set(xlabel="mask ratio t", ylabel="Signal(t) / max", title="App. F.4: n-gram mixture signal")
     ax.legend(fontsize=8)
-    common.save_figure(fig, os.path.join(out_dir, "language_signal.png"))
+    save_figure(fig, os.path.join(out_dir, "language_signal.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for kk in (2, 3, k) if k not in (2, 3) else (2, 3, 4):
@@ -421,7 +423,7 @@ def make_plots(out_dir, n, k, delta, corpus_weights=None, energies=None):
     ax.set(xlabel="t1  (t ~ U[0, t1])", ylabel="N bound (Thm 4.2)", yscale="log",
            title=f"Sample-complexity bound, n = {n}, delta = {delta} (dots: Cor. 4.7)")
     ax.legend()
-    common.save_figure(fig, os.path.join(out_dir, "sample_bound.png"))
+    save_figure(fig, os.path.join(out_dir, "sample_bound.png"))
 
     if energies:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -436,16 +438,15 @@ def make_plots(out_dir, n, k, delta, corpus_weights=None, energies=None):
         ax.set(xlabel="P_S", ylabel="E(W) of a planted W", yscale="log", xscale="log",
                title=f"Thm 4.5: energy vs P_S, ({n}, {k}) parity")
         ax.legend()
-        common.save_figure(fig, os.path.join(out_dir, "energy.png"))
+        save_figure(fig, os.path.join(out_dir, "energy.png"))
 
 
-def corpus_token_ids(corpus, tokenizer_file):
-    """Token ids of a local raw-text file, or of a Hugging Face dataset's train split."""
-    if os.path.exists(corpus) or corpus.startswith((".", "/")) or corpus.endswith((".raw", ".txt")):
-        text = common.read_text(corpus, "--corpus")
-    else:
-        text = common.wikitext_hub_text(corpus, "train")
-    return common.gpt2_tokenizer(tokenizer_file).encode_ordinary(text)
+def default_out_dir(a):
+    """out/theory/n<n>k<k>[_U<t0>-<t1>][_<corpus>_<tokenizer>]: each command of the README a folder of its own."""
+    interval = None if (a.t0, a.t1) == (0.0, 0.246) else f"U{a.t0:g}-{a.t1:g}"
+    corpus = os.path.basename(os.path.normpath(a.corpus)) if a.corpus else None
+    return os.path.join("out", "theory", "_".join(str(p) for p in (f"n{a.n}k{a.k}", interval, corpus,
+                                                                   a.tokenizer if a.corpus else None) if p))
 
 
 def main(argv=None):
@@ -458,51 +459,55 @@ def main(argv=None):
     p.add_argument("--t1", type=float, default=0.246, help="an interval of your own: upper end")
     p.add_argument("--corpus", default=None, help="raw text file, or a Hub WikiText name (wikitext-103-raw-v1), "
                                                   "for n-gram weights")
+    p.add_argument("--tokenizer", default="gpt2", help="the corpus's tokens: gpt2 (tiktoken's BPE) | bytes "
+                                                       "(%(default)s)")
     p.add_argument("--tokenizer-file", default=None, help="local gpt2.tiktoken rank file (no download)")
     p.add_argument("--draws", type=int, default=400_000, help="Monte Carlo draws per estimate")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws (%(default)s)")
-    p.add_argument("--out-dir", default="out/theory", help="table, summary.json and plots (%(default)s)")
+    p.add_argument("--out-dir", default=None, help="table, summary.json and plots (default: out/theory/ and a "
+                                                   "folder named by the settings)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write PNG plots")
-    a = p.parse_args(argv)
-    with common.user_input():
+    a = cli.parse(p, argv)
+    with cli.user_input():
         check_k(a.k)
         if a.k > a.n:
             raise ValueError(f"need k <= n, got n={a.n}, k={a.k}")
         check_interval(a.t0, a.t1)
         check_delta(a.delta)
-    common.check_positive(draws=a.draws)
-    common.check_seed(a.seed)
-    owner = common.folder_owner(a.out_dir)
-    if owner not in (None, SCRIPT):          # its own earlier table it may write again: it is recomputed exactly
-        raise common.UserError(f"--out-dir {a.out_dir} holds a run of {owner}; choose another --out-dir")
-    common.prepare_out_dir(a.out_dir)
-    corpus_weights = None
-    if a.corpus:
-        ids = corpus_token_ids(a.corpus, a.tokenizer_file)
-        with common.user_input():
-            corpus_weights, H = ngram_weights(ids)
-        print(f"corpus {a.corpus}: {len(ids):,} GPT-2 tokens; H_1..H_6 = {', '.join(f'{h:.3f}' for h in H)} nats; "
-              f"w_2..w_6 = {', '.join(f'{w:.4f}' for w in corpus_weights.values())}")
-    rows = table_rows(a.n, a.k, a.delta, a.t0, a.t1, a.draws, a.seed, corpus_weights)
-    energies = dict(zip(FIG2_T1 + (0.05, 0.6), energy_curve(a.n, a.k, FIG2_T1 + (0.05, 0.6), a.seed)))
-    for b in sorted(energies):
-        ps, e = energies[b]
-        rows.append((f"Thm 4.5 energy E(W), planted W, U[0, {b:g}]", f"{e:.4f}", "∝ P_S²",
-                     f"E / P_S² = {e / ps**2:.3f}"))
-    widths = [max(len(r[i]) for r in rows + [("quantity", "ours", "paper", "check")]) for i in range(4)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
-    print(f"(n, k) = ({a.n}, {a.k}); Monte Carlo: {a.draws:,} draws, seed {a.seed}")
-    print(line(("quantity", "ours", "paper", "Monte Carlo (mean ± s.e.) / check")))
-    for r in rows:
-        print(line(r))
-    common.write_json(os.path.join(a.out_dir, "summary.json"),
-                      dict(script=SCRIPT, settings=vars(a), corpus_weights=corpus_weights,
-                           table=[dict(zip(("quantity", "ours", "paper", "check"), r)) for r in rows]))
-    if a.plot:
-        make_plots(a.out_dir, a.n, a.k, a.delta, corpus_weights, energies)
-    print(f"wrote {a.out_dir}/summary.json" + (", signal_prob.png, language_signal.png, sample_bound.png, "
-                                               "energy.png" if a.plot else ""))
+    cli.check_positive(draws=a.draws)
+    cli.check_seed(a.seed)
+    out_dir = a.out_dir or default_out_dir(a)
+    settings = {k: v for k, v in vars(a).items() if k not in ("out_dir", "plot")}
+    with Run(SCRIPT, settings, out_dir, inputs={"corpus": a.corpus} if a.corpus else None) as run:
+        if run.done:
+            print(done_line(out_dir))
+            return
+        corpus_weights = None
+        if a.corpus:
+            ids = corpus.corpus_ids(a.corpus, a.tokenizer, a.tokenizer_file)
+            with cli.user_input():
+                corpus_weights, H = ngram_weights(ids)
+            print(f"corpus {a.corpus}: {len(ids):,} {a.tokenizer} tokens; H_1..H_6 = {', '.join(f'{h:.3f}' for h in H)} "
+                  f"nats; w_2..w_6 = {', '.join(f'{w:.4f}' for w in corpus_weights.values())}")
+        rows = table_rows(a.n, a.k, a.delta, a.t0, a.t1, a.draws, a.seed, corpus_weights)
+        energies = dict(zip(FIG2_T1 + (0.05, 0.6), energy_curve(a.n, a.k, FIG2_T1 + (0.05, 0.6), a.seed)))
+        for b in sorted(energies):
+            ps, e = energies[b]
+            rows.append((f"Thm 4.5 energy E(W), planted W, U[0, {b:g}]", f"{e:.4f}", "∝ P_S²",
+                         f"E / P_S² = {e / ps**2:.3f}"))
+        widths = [max(len(r[i]) for r in rows + [("quantity", "ours", "paper", "check")]) for i in range(4)]
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
+        print(f"(n, k) = ({a.n}, {a.k}); Monte Carlo: {a.draws:,} draws, seed {a.seed}")
+        print(line(("quantity", "ours", "paper", "Monte Carlo (mean ± s.e.) / check")))
+        for r in rows:
+            print(line(r))
+        if a.plot:
+            make_plots(out_dir, a.n, a.k, a.delta, corpus_weights, energies)
+        run.finish(dict(corpus_weights=corpus_weights,
+                        table=[dict(zip(("quantity", "ours", "paper", "check"), r)) for r in rows]))
+    print(f"wrote {out_dir}/summary.json" + (", signal_prob.png, language_signal.png, sample_bound.png, "
+                                             "energy.png" if a.plot else ""))
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    cli.run_cli(main)

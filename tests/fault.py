@@ -19,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common  # noqa: E402
+from machinery import cli  # noqa: E402
 
 script = sys.argv[1]
 sys.argv = [os.path.join(ROOT, script)] + sys.argv[2:]
@@ -58,11 +58,11 @@ if fault in ("slow", "user-error", "bug", "fail-call") and mine:
         if fault == "slow" and len(calls) == 1:
             time.sleep(float(os.environ["FAULT_SECONDS"]))
         if fault == "user-error" and len(calls) == 1:
-            raise common.UserError("planted on rank 1: an answer that does not fit")
+            raise cli.UserError("planted on rank 1: an answer that does not fit")
         if fault == "bug" and len(calls) == 1:
             return 1 / 0
         if fault == "fail-call" and len(calls) == int(os.environ["FAULT_CALL"]) and once():
-            raise common.UserError("planted: this task failed")
+            raise cli.UserError("planted: this task failed")
         return real(self, requests)
     lm._loglikelihood = _loglikelihood
 
@@ -70,4 +70,4 @@ if fault == "hide-probe" and mine:
     real_exists = os.path.exists
     os.path.exists = lambda p: False if ".probe-" in str(p) else real_exists(p)
 
-common.run_cli(module.main)
+cli.run_cli(module.main)

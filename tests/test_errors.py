@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import ROOT, SHARED_DATA
 
-import common
 import eval_8b
 import model as model_lib
 import parity
 import theory
 import wikitext
+from machinery import cli, corpus, files, llada
 
 WT2 = os.path.join(SHARED_DATA, "wikitext-2")
 RANKS = os.path.join(SHARED_DATA, "gpt2-tokenizer", "gpt2.tiktoken")
@@ -27,7 +27,7 @@ PARITY = ["--n", "8", "--k", "2", "--n-train", "100", "--n-val", "50", "--hidden
 def one_line_error(main, args):
     """What the user sees: run_cli's message, checked to be a single 'error:' line."""
     with pytest.raises(SystemExit) as e:
-        common.run_cli(lambda: main(args))
+        cli.run_cli(lambda: main(args))
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg, msg
     return msg
@@ -136,23 +136,31 @@ def test_theory_bad_corpus(tmp_path, case):
 
 def test_load_checkpoint_reads_a_good_file(tmp_path):
     path = str(tmp_path / "ok.pt")
-    common.atomic_torch_save({"x": torch.arange(3)}, path)
-    assert common.load_checkpoint(path)["x"].tolist() == [0, 1, 2]
+    files.atomic_torch_save({"x": torch.arange(3)}, path)
+    assert files.load_checkpoint(path)["x"].tolist() == [0, 1, 2]
 
 
 def test_import_graph_flows_one_way():
-    """scripts -> {model, masking, theory, common, fsdp, plan}: no file imports a script (so no script
-    imports another), and the libraries import only one another."""
+    """scripts -> {model, masking, theory, machinery}: no file imports a script (so no script imports
+    another); the science modules import only one another (never the machinery, apart from cli's
+    one-line errors at theory.py's command line); the machinery imports the science and itself."""
     import ast
-    libs = {"model", "masking", "theory", "common", "fsdp", "plan"}
-    files = [f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")]
-    assert {"parity", "wikitext", "pretrain_8b", "sft_8b", "eval_8b"} <= set(files) and libs <= set(files)
-    for name in files:
-        tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
-        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        local = imported & set(files)
-        assert local <= libs - {name}, (name, local - libs)
+    science = {"model", "masking", "theory"}
+    top = [f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")]
+    scripts = {"parity", "wikitext", "pretrain_8b", "sft_8b", "eval_8b", "gpu_check"}
+    assert scripts | science == set(top), set(top) ^ (scripts | science)
+    machinery = [os.path.join("machinery", f) for f in os.listdir(os.path.join(ROOT, "machinery")) if f.endswith(".py")]
+
+    def imports(path):
+        tree = ast.parse(open(os.path.join(ROOT, path)).read())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return {m.split(".")[0] for m in names} & (set(top) | {"machinery"})
+    for name in top:
+        allowed = (science | {"machinery"}) - {name} if name in scripts or name == "theory" else science - {name}
+        assert imports(name + ".py") <= allowed, (name, imports(name + ".py") - allowed)
+    for path in machinery:
+        assert imports(path) <= science | {"machinery"}, (path, imports(path))
 
 
 @pytest.mark.parametrize("script", ["parity", "wikitext", "theory", "pretrain_8b", "sft_8b", "eval_8b"])
@@ -295,17 +303,17 @@ def test_wikitext_cache_is_keyed_by_content(tmp_path):
             (folder / f"{split}.txt").write_text(text)
     cfg = wikitext.WikiConfig(**{**wikitext.PRESETS["tiny"], "data": str(a), "tokenizer_file": RANKS,
                                  "cache_dir": str(tmp_path / "cache")})
-    enc = common.gpt2_tokenizer(RANKS)
-    ta = wikitext.load_tokens(cfg, "train", enc)
-    tb = wikitext.load_tokens(wikitext.replace(cfg, data=str(b)), "train", enc)
+    enc = corpus.gpt2_tokenizer(RANKS)
+    ta = wikitext.load_split(cfg, "train", enc)
+    tb = wikitext.load_split(wikitext.replace(cfg, data=str(b)), "train", enc)
     assert ta.tolist() == enc.encode_ordinary("alpha beta gamma " * 300)
     assert tb.tolist() == enc.encode_ordinary("one two three four " * 300)
     (a / "train.txt").write_text("changed in place " * 200)
-    assert wikitext.load_tokens(cfg, "train", enc).tolist() == enc.encode_ordinary("changed in place " * 200)
+    assert wikitext.load_split(cfg, "train", enc).tolist() == enc.encode_ordinary("changed in place " * 200)
     (tmp_path / "empty" / "wt").mkdir(parents=True)
     (tmp_path / "empty" / "wt" / "train.txt").write_text("")
     with pytest.raises(ValueError, match="holds no text"):
-        wikitext.load_tokens(wikitext.replace(cfg, data=str(tmp_path / "empty" / "wt")), "train", enc)
+        wikitext.load_split(wikitext.replace(cfg, data=str(tmp_path / "empty" / "wt")), "train", enc)
 
 
 @pytest.mark.parametrize("script,args,want", [
@@ -407,12 +415,11 @@ def test_bad_local_task_files_are_one_line(tmp_path, case):
 def test_a_failing_evaluation_leaves_a_finished_one_as_it_was(tmp_path):
     pytest.importorskip("lm_eval")
     import shutil
-    import fsdp
     m = model_lib.Transformer(model_lib.get_config("tiny", vocab_size=262, mask_id=257, block_size=64))
     folder = tmp_path / "export"
-    model_lib.save_safetensors(m, str(folder))
-    (folder / "config.json").write_text(json.dumps(model_lib.config_to_json(m.cfg, eos_token_id=256)))
-    fsdp.byte_tokenizer().save(str(folder / "tokenizer.json"))
+    llada.save_safetensors(m, str(folder))
+    (folder / "config.json").write_text(json.dumps(llada.config_to_json(m.cfg, eos_token_id=256)))
+    llada.byte_tokenizer().save(str(folder / "tokenizer.json"))
     data = tmp_path / "evals"
     shutil.copytree(os.path.join(SHARED_DATA, "evals", "arc_challenge"), data / "arc_challenge")
     args = ["--checkpoint", str(folder), "--tasks", "arc_challenge", "--data-dir", str(data), "--limit", "2",
@@ -573,7 +580,7 @@ def test_wikitext_splits_that_pick_one_file_are_refused(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "all_train_test.txt").write_text("text " * 500)
     cfg = wikitext.WikiConfig(**{**wikitext.PRESETS["tiny"], "data": str(tmp_path / "d")})
-    with pytest.raises(common.UserError, match="both pick"):
+    with pytest.raises(cli.UserError, match="both pick"):
         wikitext.check_splits(cfg)
 
 
@@ -663,7 +670,7 @@ def test_stale_launcher_variables_are_one_line_not_a_silent_wait(tmp_path, env, 
 
 
 def test_a_world_that_never_meets_is_one_line_within_the_timeout(tmp_path):
-    from common import free_port
+    from machinery.distributed import free_port
     env = {**ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
     r = run_script("wikitext.py", ["--preset", "tiny", "--dist-timeout", "2", "--out-dir", str(tmp_path / "o")],
@@ -696,9 +703,9 @@ def test_a_bug_keeps_its_traceback():
     def bug():
         torch.zeros(2).view(3)              # a RuntimeError of torch's: a bug, not the user's
     with pytest.raises(RuntimeError):
-        common.run_cli(bug)
+        cli.run_cli(bug)
     with pytest.raises(ValueError, match="not the user's"):
-        common.run_cli(lambda: (_ for _ in ()).throw(ValueError("a ValueError of ours: not the user's")))
+        cli.run_cli(lambda: (_ for _ in ()).throw(ValueError("a ValueError of ours: not the user's")))
 
 
 @needs_data
@@ -714,8 +721,8 @@ def test_wikitext_under_torchrun_agrees_on_an_error(tmp_path):
 def test_unreadable_text_names_the_file_and_line(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "train.txt").write_bytes(b"fine line\nsecond\n\xff\xfe bad\n")
-    with pytest.raises(common.UserError, match=r"train.txt is not UTF-8 text \(line 3"):
-        common.read_text(str(tmp_path / "d" / "train.txt"), "--data file")
+    with pytest.raises(cli.UserError, match=r"train.txt is not UTF-8 text \(line 3"):
+        files.read_text(str(tmp_path / "d" / "train.txt"), "--data file")
 
 
 @pytest.mark.parametrize("item,want", [({"choices": {"text": [], "label": []}}, "has no choices"),
@@ -724,30 +731,32 @@ def test_unreadable_text_names_the_file_and_line(tmp_path):
 def test_arc_items_lenient_lm_eval_would_misread_are_refused(tmp_path, item, want):
     path = tmp_path / "ARC-Easy-test.jsonl"
     path.write_text(json.dumps({"id": "q1", "question": "?", "answerKey": "A", **item}) + "\n")
-    with pytest.raises(common.UserError, match=want):
+    with pytest.raises(cli.UserError, match=want):
         eval_8b.check_task_file(str(path))
 
 
 def test_a_tokenizer_without_mask_is_told_how_to_fix_it():
     from tokenizers import Tokenizer, models
     tok = Tokenizer(models.WordLevel({"a": 0, "<|endoftext|>": 1, "[UNK]": 2}, unk_token="[UNK]"))
-    import fsdp
-    with pytest.raises(common.UserError, match="add it as a special token"):
-        fsdp.token_ids(tok)
+    with pytest.raises(cli.UserError, match="add it as a special token"):
+        llada.token_ids(tok)
 
 
 def test_the_md_step_and_the_schedule_are_written_once_and_model_py_is_the_network_alone():
-    """Issue 27: one MD training step (masking.md_step_loss) and one schedule (common.lr_at) serve
-    every script, none defines its own; model.py holds no parallelism (FSDP, checkpointing, DTensor:
-    fsdp.parallelize's)."""
+    """Issue 27: one MD training step (masking.md_step_loss; parity.py writes its three lines out, as
+    its log splits the loss by regime) and one schedule (machinery/optim.lr_at) serve every script,
+    none defines its own; model.py holds no parallelism (FSDP, checkpointing, DTensor:
+    machinery/fsdp.parallelize's)."""
     import ast
-    for name in ("parity", "wikitext", "pretrain_8b", "sft_8b", "eval_8b", "fsdp", "plan"):
+    for name in ("parity", "wikitext", "pretrain_8b", "sft_8b", "eval_8b", "machinery/fsdp", "machinery/plan"):
         tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
         calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
         defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
-        assert not defined & {"md_micro_loss", "md_step_loss", "sample_t", "mask_tokens"}, name
-        if name in ("wikitext", "fsdp", "plan"):
+        assert not defined & {"md_micro_loss", "md_step_loss", "sample_t", "mask_tokens", "lr_at", "get_lr"}, name
+        if name in ("wikitext", "pretrain_8b", "sft_8b", "machinery/plan"):
             assert "md_step_loss" in calls, name
+        if name == "parity":
+            assert {"sample_t", "mask_tokens", "md_loss", "md_mse_loss"} <= calls, calls
     model_src = open(os.path.join(ROOT, "model.py")).read()
     for word in ("torch.distributed", "fully_shard", "DTensor", "checkpoint(", "shard_like"):
         assert word not in model_src, word

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, SHARED_DATA
 
-import fsdp
+from machinery import files, llada
 import model as model_lib
 
 pytest.importorskip("lm_eval")
@@ -23,15 +23,15 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM
 FAULT = os.path.join(ROOT, "tests", "fault.py")
 
 
-def export(folder, nan=False, tokenizer=None):
-    torch.manual_seed(0)
+def export(folder, nan=False, tokenizer=None, seed=0):
+    torch.manual_seed(seed)
     m = model_lib.Transformer(model_lib.get_config("tiny", vocab_size=262, mask_id=257, block_size=256))
     if nan:
         with torch.no_grad():
             m.transformer.blocks[0].q_proj.weight[0, 0] = float("nan")
-    model_lib.save_safetensors(m, str(folder))
-    (folder / "config.json").write_text(json.dumps(model_lib.config_to_json(m.cfg, eos_token_id=256)))
-    (tokenizer or fsdp.byte_tokenizer()).save(str(folder / "tokenizer.json"))
+    llada.save_safetensors(m, str(folder))
+    (folder / "config.json").write_text(json.dumps(llada.config_to_json(m.cfg, eos_token_id=256)))
+    (tokenizer or llada.byte_tokenizer()).save(str(folder / "tokenizer.json"))
     return str(folder)
 
 
@@ -103,10 +103,14 @@ def test_a_scored_task_survives_a_later_failure_and_resume_skips_it(tmp_path):
     assert "arc_challenge: acc_norm,none" in r.stdout and "(scored earlier)" in r.stdout
     s = json.load(open(tmp_path / "eval" / "summary.json"))
     assert s["results"]["arc_challenge"] == first["result"] and s["results"]["hellaswag"]["items"] == 3
-    # other weights under the same path (or another checkpoint) are never mixed with these scores
-    export(tmp_path / "export", nan=False)                           # re-exported: new files, a new fingerprint
-    settings = {**first["settings"], "checkpoint": eval_8b.checkpoint_id(ckpt)}
-    with pytest.raises(eval_8b.common.UserError, match=r"scored with other settings or weights \(checkpoint\)"):
+    # the checkpoint is identified by its content: the same weights written again are the same checkpoint,
+    # other weights under the same path are never mixed with these scores
+    export(tmp_path / "export", nan=False)
+    same = {**first["settings"], "checkpoint": files.fingerprint(ckpt)}
+    assert eval_8b.earlier_result(str(tmp_path / "eval"), "arc_challenge", same)["result"] == first["result"]
+    export(tmp_path / "export", nan=False, seed=1)                   # other weights: a new fingerprint
+    settings = {**first["settings"], "checkpoint": files.fingerprint(ckpt)}
+    with pytest.raises(eval_8b.cli.UserError, match=r"scored with other settings or weights \(checkpoint\)"):
         eval_8b.earlier_result(str(tmp_path / "eval"), "arc_challenge", settings)
 
 
@@ -118,7 +122,7 @@ def test_a_gated_dataset_is_one_line_before_any_work():
 
         def load(self, names):
             raise ConnectionError("Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub. You must be authenticated")
-    with pytest.raises(eval_8b.common.UserError, match="gpqa: its dataset Idavidrein/gpqa is gated.*huggingface-cli login"):
+    with pytest.raises(eval_8b.cli.UserError, match="gpqa: its dataset Idavidrein/gpqa is gated.*huggingface-cli login"):
         eval_8b.load_task_data(Manager(), ["gpqa"], {"gpqa": "gpqa_main_n_shot"}, 1, None)
 
 
@@ -134,11 +138,11 @@ def test_nan_weights_are_refused_naming_the_checkpoint(tmp_path):
 
 def test_an_infinite_likelihood_is_an_error_not_a_score():
     m = model_lib.Transformer(model_lib.get_config("tiny", vocab_size=262, mask_id=257, block_size=32))
-    lm = eval_8b.MaskedDiffusionLM(m.eval(), fsdp.byte_tokenizer(), fsdp.token_ids(fsdp.byte_tokenizer(), m.cfg), "cpu",
+    lm = eval_8b.MaskedDiffusionLM(m.eval(), llada.byte_tokenizer(), llada.token_ids(llada.byte_tokenizer(), m.cfg), "cpu",
                                    checkpoint="CKPT")
     with torch.no_grad():
         m.transformer.ff_out.weight.fill_(float("inf"))
-    with pytest.raises(eval_8b.common.UserError, match="CKPT gives a non-finite log-likelihood"):
+    with pytest.raises(eval_8b.cli.UserError, match="CKPT gives a non-finite log-likelihood"):
         lm.log_likelihood([10, 20], [30])
 
 
@@ -151,7 +155,7 @@ def test_one_token_answers_take_one_forward_per_question():
     calls = []
     forward = m.forward
     m.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
-    lm = eval_8b.MaskedDiffusionLM(m.eval(), fsdp.byte_tokenizer(), fsdp.token_ids(fsdp.byte_tokenizer(), m.cfg), "cpu",
+    lm = eval_8b.MaskedDiffusionLM(m.eval(), llada.byte_tokenizer(), llada.token_ids(llada.byte_tokenizer(), m.cfg), "cpu",
                                    mc_num=1)
     requests = [Instance("loglikelihood", {}, (f"Q{q}: pick:", c), i) for q in range(3) for i, c in enumerate("ABCD")]
     scores = [s for s, _ in lm.loglikelihood(requests)]

@@ -1,6 +1,7 @@
-"""fsdp.py, the LLaDA-8B machinery, piece by piece in a world of one process (gloo, CPU): the FSDP2
-build and its sharded init, export, tokenizer checks, the learning-rate schedule and the plan's
-arithmetic. The whole loop under torchrun is tested in test_pretrain_8b.py and test_sft_eval.py."""
+"""machinery/fsdp.py, the LLaDA-8B machinery, piece by piece in a world of one process (gloo, CPU): the
+FSDP2 build and its sharded init, export, tokenizer checks, the learning-rate schedule, the plan's
+arithmetic, and pretrain_8b.py's step driven in-process (non-finite steps, clipping). The whole loop
+under torchrun is tested in test_pretrain_8b.py and test_sft_eval.py."""
 import json
 import threading
 import time
@@ -10,11 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import common
-import fsdp
 import masking
 import model as model_lib
-import plan
+from machinery import dclm, distributed, fsdp, llada, optim, plan
 from pretrain_8b import PretrainConfig
 from test_model import small_llada
 
@@ -31,17 +30,17 @@ class world_of_one:
 
 
 def test_export_of_an_fsdp_model_gives_the_same_logits(tmp_path):
-    tok = fsdp.byte_tokenizer()
-    ids = fsdp.token_ids(tok)
-    mc = fsdp.model_config("tiny", ids)
+    tok = llada.byte_tokenizer()
+    ids = llada.token_ids(tok)
+    mc = llada.model_config("tiny", ids)
     x = torch.randint(0, 256, (2, 20))
     with world_of_one(tmp_path):
         m, _ = fsdp.build(mc, PretrainConfig(seed=3), "cpu", compile_model=False, ac="none")
         want = m(x).detach()
         m.reshard()
         fsdp.export(m, str(tmp_path / "export"), tok, ids, "float32")
-    back = model_lib.Transformer(model_lib.config_from_json(json.load(open(tmp_path / "export" / "config.json"))))
-    model_lib.load_safetensors(back, str(tmp_path / "export"))
+    back = model_lib.Transformer(llada.config_from_json(json.load(open(tmp_path / "export" / "config.json"))))
+    llada.load_safetensors(back, str(tmp_path / "export"))
     assert torch.allclose(back(x), want, atol=1e-6)
     # and the sharded init is the unsharded one: the same weights whatever the world size
     ref = model_lib.Transformer(mc)
@@ -53,16 +52,16 @@ def test_tokenizer_checks():
     from tokenizers import Tokenizer, models
     ids = dict(eos=5, mask=6, vocab=200_000, special={5, 6}, bos=None)
     with pytest.raises(ValueError, match="200,000 ids"):
-        fsdp.model_config("llada-8b", ids)
+        llada.model_config("llada-8b", ids)
     # <|mdm_mask|> a real (non-special) token of the vocabulary: MASK would collide with text
     tok = Tokenizer(models.WordLevel({"a": 0, "<|endoftext|>": 1, "<|mdm_mask|>": 2, "[UNK]": 3}, unk_token="[UNK]"))
     with pytest.raises(ValueError, match="is a real token"):
-        fsdp.model_config("tiny", fsdp.token_ids(tok))
+        llada.model_config("tiny", llada.token_ids(tok))
 
 
 def test_wsd_schedule():
     cfg = PretrainConfig(max_steps=100, warmup=10, lr=1.0, min_lr=0.1, decay_frac=0.2)
-    lrs = [common.lr_at(s, cfg.lr, warmup=cfg.warmup, max_steps=cfg.max_steps, schedule=cfg.schedule,
+    lrs = [optim.lr_at(s, cfg.lr, warmup=cfg.warmup, max_steps=cfg.max_steps, schedule=cfg.schedule,
                         min_lr=cfg.min_lr, decay_frac=cfg.decay_frac) for s in range(100)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[79] == 1.0
     assert lrs[80] == 1.0 and lrs[99] == pytest.approx(1.0 + 19 / 20 * (0.1 - 1.0))
@@ -100,40 +99,39 @@ def test_the_plan_counts_every_part_and_picks_the_checkpointing():
 
 
 
-class FakeSlot:
-    def __init__(self, i):
-        self.gen = torch.Generator().manual_seed(i)
-
-    def data_state(self):
-        return {}
-
-
 def train_tiny(tmp_path, name, max_steps, poison_call=None, **settings):
-    """fsdp.train_loop on the tiny model over random tokens, world of one, the CE of one micro-batch
-    (call number `poison_call`) made NaN. Returns (weights after the loop, its error message or None)."""
-    from pretrain_8b import PRESETS
-    cfg = replace(PretrainConfig(**PRESETS["tiny"]), max_steps=max_steps, log_every=4, eval_every=100,
-                  save_every=100, warmup=1, **settings)
-    ids = fsdp.token_ids(fsdp.byte_tokenizer())
-    calls = []
+    """pretrain_8b.train in this process (a world of one) on the tiny model and a small corpus, the CE of
+    one micro-batch (call number `poison_call`: four micro-batches a step) made NaN. Returns (the
+    weights after the loop, its error message or None)."""
+    from pretrain_8b import PRESETS, train
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text("\n".join(f"document {i}: " + " ".join(["alpha", "beta", "gamma"][i % 3:]) * (i % 7 + 2)
+                                    for i in range(300)))
+    cfg = replace(PretrainConfig(**PRESETS["tiny"]), data=str(corpus), max_steps=max_steps, log_every=4,
+                  eval_every=100, save_every=100, warmup=1, random_length_prob=0.0, **settings)
+    calls, built, real_ce, real_build = [], [], masking.token_ce, fsdp.build
 
     def ce_fn(logits, targets):
         calls.append(1)
-        ce = masking.token_ce(logits, targets)
+        ce = real_ce(logits, targets)
         return ce * float("nan") if len(calls) == poison_call else ce
-    batches = lambda step: [(torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(step * 9 + i)),
-                             None) for i in range(4)]
     error = None
-    with world_of_one(tmp_path):
-        m, opt = fsdp.build(fsdp.model_config("tiny", ids, block_size=64), cfg, "cpu", compile_model=False, ac="none")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(masking, "token_ce", ce_fn)
+        mp.setattr(fsdp, "build", lambda *args, **kwargs: _built(real_build, built, *args, **kwargs))  # keep the model
         try:
-            fsdp.train_loop(cfg, m, opt, {i: FakeSlot(i) for i in range(4)}, batches, lambda: 0.0,
-                            str(tmp_path / name), "cpu", ce_fn, lambda text, **r: None,
-                            dict(step=0, history=[], seconds=0.0, tokens=0, changes={}))
+            train(cfg, str(tmp_path / name))
         except ValueError as e:
             error = str(e)
-        weights = {n: p.full_tensor().detach().clone() for n, p in m.named_parameters()}
+    weights = {n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone() for n, p in built[0].named_parameters()}
     return weights, error
+
+
+def _built(real_build, built, *args, **kwargs):
+    m, opt = real_build(*args, **kwargs)
+    built.append(m)
+    return m, opt
 
 
 def test_a_non_finite_step_never_reaches_the_weights(tmp_path):
@@ -145,7 +143,7 @@ def test_a_non_finite_step_never_reaches_the_weights(tmp_path):
     stopped, error = train_tiny(tmp_path, "nan", max_steps=6, poison_call=4 * 3 + 2)
     assert "became nan by step 4" in error and "did not reach the weights" in error
     assert all(torch.equal(stopped[n], after3[n]) for n in after3)
-    assert fsdp.checkpoints(str(tmp_path / "nan")) == []
+    assert fsdp.checkpoints(str(tmp_path / "nan")) == []             # nothing saved: the run stopped at step 4
     # and the test can fail: without the poison, step 4 moves the weights
     moved, _ = train_tiny(tmp_path, "four", max_steps=4)
     assert not all(torch.equal(moved[n], after3[n]) for n in after3)
@@ -211,7 +209,7 @@ def test_prefetch_hands_over_batches_in_order_and_errors_to_the_main_thread(tmp_
         return [step]
 
     with world_of_one(tmp_path):
-        feed = fsdp.Prefetch(batches, {0: slot}, 1, 5)
+        feed = dclm.Prefetch(batches, {0: slot}, 1, 5, distributed.World())
         assert feed.next() == ([1], {0: {"pos": 2}})
         assert drawn_ahead.wait(timeout=60) and slot.pos == 4      # the thread has drawn ahead, up to the error
         assert feed.next() == ([2], {0: {"pos": 3}})
@@ -277,4 +275,4 @@ def test_grad_clip_0_means_never_not_zero_gradients(tmp_path):
     assert not all(torch.equal(never[n], tight[n]) for n in never)
     g = [torch.nn.Parameter(torch.ones(3))]
     g[0].grad = torch.full((3,), 2.0)
-    assert common.clip_gradients(g, 0).item() == pytest.approx(12 ** 0.5) and g[0].grad.tolist() == [2.0] * 3
+    assert optim.clip_gradients(g, 0).item() == pytest.approx(12 ** 0.5) and g[0].grad.tolist() == [2.0] * 3

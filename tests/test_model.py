@@ -6,6 +6,7 @@ import torch
 
 import masking
 import model
+from machinery import llada
 
 
 def small_llada(**kw):
@@ -118,7 +119,7 @@ def test_bad_config_is_one_line_error():
 def test_safetensors_round_trip_in_llada_format(tmp_path):
     torch.manual_seed(0)
     src = model.Transformer(small_llada())
-    model.save_safetensors(src, tmp_path, max_shard_bytes=20_000)           # several shards
+    llada.save_safetensors(src, tmp_path, max_shard_bytes=20_000)           # several shards
     import json
     index = json.load(open(tmp_path / "model.safetensors.index.json"))
     shards = sorted(set(index["weight_map"].values()))
@@ -130,20 +131,20 @@ def test_safetensors_round_trip_in_llada_format(tmp_path):
     assert len(index["weight_map"]) == 3 + 2 * 9
     with torch.device("meta"):
         dst = model.Transformer(small_llada())
-    model.load_safetensors(dst, str(tmp_path))
+    llada.load_safetensors(dst, str(tmp_path))
     idx = torch.randint(0, 40, (2, 16))
     assert torch.equal(src(idx), dst(idx))
 
 
 def test_safetensors_loader_reports_mismatch(tmp_path):
-    model.save_safetensors(model.Transformer(small_llada()), tmp_path)
+    llada.save_safetensors(model.Transformer(small_llada()), tmp_path)
     with pytest.raises(ValueError, match="missing keys"):
-        model.load_safetensors(model.Transformer(small_llada(n_layer=3)), str(tmp_path))
+        llada.load_safetensors(model.Transformer(small_llada(n_layer=3)), str(tmp_path))
     with pytest.raises(ValueError, match="shape mismatches"):
-        model.load_safetensors(model.Transformer(small_llada(mlp_hidden=32)), str(tmp_path))
+        llada.load_safetensors(model.Transformer(small_llada(mlp_hidden=32)), str(tmp_path))
     os.remove(tmp_path / "model.safetensors.index.json")
     with pytest.raises(ValueError, match="neither"):
-        model.load_safetensors(model.Transformer(small_llada()), str(tmp_path))
+        llada.load_safetensors(model.Transformer(small_llada()), str(tmp_path))
 
 
 def test_tiny_model_learns_with_md_loss():

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from conftest import ROOT
 
 import model as model_lib
-import plan
+from machinery import plan
 from pretrain_8b import PretrainConfig
 
 GIB = 2 ** 30

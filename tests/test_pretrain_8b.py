@@ -15,10 +15,9 @@ import torch
 import torch.distributed as dist
 from conftest import ROOT
 
-import common
 import model as model_lib
-import fsdp
 import pretrain_8b
+from machinery import cli, dclm, fsdp, llada
 
 SCRIPT = os.path.join(ROOT, "pretrain_8b.py")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -143,13 +142,13 @@ def test_export_loads_back_with_the_same_heldout_nll(runs):
     folder = os.path.join(runs["two"], "export")
     config = json.load(open(os.path.join(folder, "config.json")))
     assert config["eos_token_id"] == 256 and config["mask_token_id"] == 257 and config["vocab_size"] == 262
-    m = model_lib.Transformer(model_lib.config_from_json(config))
-    model_lib.load_safetensors(m, folder)
+    m = model_lib.Transformer(llada.config_from_json(config))
+    llada.load_safetensors(m, folder)
     cfg = pretrain_8b.PretrainConfig(**json.load(open(os.path.join(runs["two"], "summary.json")))["settings"])
-    tok = fsdp.load_tokenizer(folder)
+    tok = llada.load_tokenizer(folder)
     assert tok.encode("hé").ids == [104, 195, 169]
-    ds = pretrain_8b.open_documents(*pretrain_8b.data_files(cfg)[:2])
-    seqs, _, _ = pretrain_8b.held_out_set(ds, tok, 256, cfg, "test")
+    ds = dclm.open_documents(*dclm.listing(cfg))
+    seqs, _, _ = dclm.held_out_set(ds, tok, 256, cfg, "test")
     with world_of_one(tmp_dir=runs["tmp"]):
         nll = fsdp.heldout_nll(m, seqs, cfg, "cpu")
     assert nll == pytest.approx(json.load(open(os.path.join(runs["two"], "summary.json")))["test_loss"], abs=1e-4)
@@ -174,7 +173,7 @@ def test_a_tokenizer_built_with_tokenizers(tmp_path):
     tok.train([data], trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "<|endoftext|>",
                                                                          "<|mdm_mask|>"]))
     tok.save(str(tmp_path / "tok.json"))
-    ids = fsdp.token_ids(Tokenizer.from_file(str(tmp_path / "tok.json")))
+    ids = llada.token_ids(Tokenizer.from_file(str(tmp_path / "tok.json")))
     assert ids["eos"] == 1 and ids["mask"] == 2
     launch(["--preset", "tiny", "--device", "cpu", "--data", data, "--tokenizer", str(tmp_path / "tok.json"),
             "--out-dir", str(tmp_path / "run"), "--max-steps", "4", "--no-plot"], nproc=1)
@@ -246,7 +245,7 @@ def test_plot_runs(runs, tmp_path):
     pretrain_8b.main(["--plot-runs", runs["one"], runs["two"], "--out-dir", str(tmp_path)])
     assert (tmp_path / "fig4_heldout_nll.png").stat().st_size > 0
     with pytest.raises(SystemExit):
-        common.run_cli(lambda: pretrain_8b.main(["--plot-runs", str(tmp_path), "--out-dir", str(tmp_path)]))
+        cli.run_cli(lambda: pretrain_8b.main(["--plot-runs", str(tmp_path), "--out-dir", str(tmp_path)]))
 
 
 def jsonl_folder(path, n_files, per_file=7):
@@ -266,9 +265,9 @@ def test_every_document_is_read_by_exactly_one_slot(tmp_path, n_files):
     of every slot reads each document once, and nothing else."""
     docs = jsonl_folder(tmp_path / "data", n_files)
     cfg = pretrain_8b.PretrainConfig(data=str(tmp_path / "data"), tokenizer="")
-    ds = pretrain_8b.open_documents(*pretrain_8b.data_files(cfg)[:2])
-    streams = [pretrain_8b.slot_stream(ds, i, 4) for i in range(4)]
-    read = [list(pretrain_8b.documents(s, cfg, "test", {})) for s in streams]
+    ds = dclm.open_documents(*dclm.listing(cfg))
+    streams = [dclm.slot_stream(ds, i, 4) for i in range(4)]
+    read = [list(dclm.documents(s, cfg, "test", {})) for s in streams]
     assert sorted(d for r in read for d in r) == sorted(docs)
     assert all(r for r in read)
     if n_files >= 4:      # a slot streams whole files of its own: 2 + 1 + 1 + 1 of the 5
@@ -281,9 +280,9 @@ def test_a_slot_resumes_exactly_across_files_and_epochs(tmp_path):
     jsonl_folder(tmp_path / "data", 5)
     cfg = pretrain_8b.PretrainConfig(data=str(tmp_path / "data"), tokenizer="", block_size=16, micro_batch=2,
                                      batch_size=8)
-    tok, ids = fsdp.byte_tokenizer(), fsdp.token_ids(fsdp.byte_tokenizer())
-    ds = pretrain_8b.open_documents(*pretrain_8b.data_files(cfg)[:2])
-    make = lambda: pretrain_8b.Slot(ds, 1, 4, tok, ids["eos"], cfg, set(), "cpu", "test")
+    tok, ids = llada.byte_tokenizer(), llada.token_ids(llada.byte_tokenizer())
+    ds = dclm.open_documents(*dclm.listing(cfg))
+    make = lambda: dclm.Slot(ds, 1, 4, tok, ids["eos"], cfg, set(), "cpu", "test")
     slot = make()
     for n in range(40):           # slot 1 holds 2 files of ~14 blocks: two passes and more
         state = {**slot.data_state(), "gen": slot.gen.get_state()}
@@ -336,7 +335,7 @@ def test_two_nodes_with_a_c10d_rendezvous_train_are_killed_and_resume(tmp_path):
     """Issue 24.9: two torchrun agents (--nnodes 2 --nproc_per_node 1, c10d on localhost), as two nodes
     would run. A worker of one node is killed; both agents restart their workers (--max-restarts 1),
     rank 0 picks the checkpoint and every rank resumes it; the result is the one-node run's."""
-    from common import free_port
+    from machinery.distributed import free_port
     data = corpus(tmp_path / "corpus.txt")
     args = ["--preset", "tiny", "--device", "cpu", "--data", data, "--max-steps", "20", "--save-every", "10",
             "--eval-every", "20", "--schedule", "constant", "--no-plot", "--resume", "--out-dir", str(tmp_path / "run")]
@@ -393,13 +392,13 @@ def test_dclm_layout_of_zstd_shards_is_read_whole_in_an_order_shuffled_by_the_se
     on any world size: it is decided before the slots), not the sorted listing's first files."""
     docs = dclm_folder(tmp_path / "dclm")
     cfg = pretrain_8b.PretrainConfig(data=str(tmp_path / "dclm"), tokenizer="")
-    builder, files, data_id = pretrain_8b.data_files(cfg)
+    builder, files = dclm.listing(cfg)
     assert builder == "json" and len(files) == 6 and all(f.endswith(".jsonl.zstd") for f in files)
-    assert files != sorted(files) and sorted(files) == sorted(pretrain_8b.local_files(cfg.data)[1])
-    assert files == pretrain_8b.data_files(cfg)[1]                                   # a function of the seed
-    assert pretrain_8b.data_files(dataclasses.replace(cfg, seed=1))[1] != files
-    ds = pretrain_8b.open_documents(builder, files)
-    read = [d for i in range(4) for d in pretrain_8b.documents(pretrain_8b.slot_stream(ds, i, 4), cfg, "test", {})]
+    assert files != sorted(files) and sorted(files) == sorted(dclm.local_files(cfg.data)[1])
+    assert files == dclm.listing(cfg)[1]                                   # a function of the seed
+    assert dclm.listing(dataclasses.replace(cfg, seed=1))[1] != files
+    ds = dclm.open_documents(builder, files)
+    read = [d for i in range(4) for d in dclm.documents(dclm.slot_stream(ds, i, 4), cfg, "test", {})]
     assert sorted(read) == sorted(docs)
     # and a whole run trains on it
     launch(["--preset", "tiny", "--device", "cpu", "--data", str(tmp_path / "dclm"), "--max-steps", "3", "--eval-docs",
@@ -412,7 +411,7 @@ def test_the_hub_listing_is_filtered_to_data_files(monkeypatch):
     names = ["README.md", ".gitattributes", "global-shard_01_of_10/local-shard_0_of_10/shard_00000000_processed.jsonl.zstd",
              "global-shard_01_of_10/local-shard_0_of_10/shard_00000001_processed.jsonl.zstd"]
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, repo_type=None: names)
-    builder, files = pretrain_8b.hub_files("mlfoundations/dclm-baseline-1.0")
+    builder, files = dclm.hub_files("mlfoundations/dclm-baseline-1.0")
     assert builder == "json" and files == [f"hf://datasets/mlfoundations/dclm-baseline-1.0/{n}" for n in names[2:]]
 
 
@@ -424,8 +423,8 @@ def test_fields_that_are_not_text_are_skipped_and_counted(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = pretrain_8b.PretrainConfig(data=str(path), tokenizer="")
     skipped = {}
-    builder, files, _ = pretrain_8b.data_files(cfg)
-    read = list(pretrain_8b.documents(pretrain_8b.open_documents(builder, files), cfg, "test", skipped))
+    builder, files = dclm.listing(cfg)
+    read = list(dclm.documents(dclm.open_documents(builder, files), cfg, "test", skipped))
     assert len(read) == 37 and all(isinstance(t, str) and t.startswith("document") for t in read)
     assert {k: v for k, v in skipped.items() if k != "fields seen"} == {"'text' not text (int)": 1,
                                                                        "'text' not text (list)": 1,

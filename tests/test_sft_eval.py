@@ -15,8 +15,8 @@ from conftest import ROOT, SHARED_DATA
 
 import masking
 import model as model_lib
-import fsdp
 import sft_8b
+from machinery import cli, llada
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TEMPLATE = os.path.join(SHARED_DATA, "llada-tokenizer", "tokenizer_config.json")
@@ -47,17 +47,17 @@ def run(script, args, nproc=1, check=True, timeout=300):
 # ----------------------------------------------------------------------------- the chat format
 
 def test_chat_template_token_layout():
-    tok = fsdp.byte_tokenizer()
-    sp = {t: tok.token_to_id(t) for t in fsdp.SPECIALS}
+    tok = llada.byte_tokenizer()
+    sp = {t: tok.token_to_id(t) for t in llada.SPECIALS}
     b = lambda s: list(s.encode())
-    prompt, answer = sft_8b.chat_ids(tok, conversation(system="Be brief."))
+    prompt, answer = llada.chat_ids(tok, conversation(system="Be brief."))
     assert prompt == ([sp["<|startoftext|>"], sp["<|start_header_id|>"]] + b("system") + [sp["<|end_header_id|>"]]
                       + b("\n\nBe brief.") + [sp["<|eot_id|>"], sp["<|start_header_id|>"]] + b("user")
                       + [sp["<|end_header_id|>"]] + b("\n\nWhat is 2+3?") + [sp["<|eot_id|>"], sp["<|start_header_id|>"]]
                       + b("assistant") + [sp["<|end_header_id|>"]] + b("\n\n"))
     assert answer == b("5") + [sp["<|eot_id|>"]]
     ids, masks, skipped = sft_8b.encode_rows([{"messages": conversation()}], tok, sp["<|endoftext|>"], 80)
-    n = len(sft_8b.chat_ids(tok, conversation())[0])
+    n = len(llada.chat_ids(tok, conversation())[0])
     assert ids.shape == (1, 80) and not skipped
     assert ids[0, n:n + 2].tolist() == b("5") + [sp["<|eot_id|>"]] and (ids[0, n + 2:] == sp["<|endoftext|>"]).all()
     assert not masks[0, :n].any() and masks[0, n:].all()               # the EOS padding is answer
@@ -72,15 +72,15 @@ def test_chat_text_is_llada_template_rendered():
     template = jinja2.Environment().from_string(config["chat_template"])
     msgs = conversation("  Solve x + 1 = 2.  ", " x = 1 ", system="You are a tutor.")
     render = lambda m: template.render(messages=m, bos_token=config["bos_token"])
-    tok = fsdp.byte_tokenizer()
-    prompt, answer = sft_8b.chat_ids(tok, msgs)
+    tok = llada.byte_tokenizer()
+    prompt, answer = llada.chat_ids(tok, msgs)
     assert prompt == tok.encode(render(msgs[:-1]), add_special_tokens=False).ids
     header = tok.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False).ids
     assert prompt + answer + header == tok.encode(render(msgs), add_special_tokens=False).ids
 
 
 def test_malformed_rows_are_skipped_and_counted():
-    tok = fsdp.byte_tokenizer()
+    tok = llada.byte_tokenizer()
     rows = [{"messages": conversation()}, {"text": "no messages"}, {"messages": [{"role": "user", "content": "q"}]},
             {"messages": conversation("x" * 200, "y")}, {"messages": "not a list"}, {"messages": conversation()}]
     ids, masks, skipped = sft_8b.encode_rows(rows, tok, 256, 64)
@@ -93,7 +93,7 @@ def test_malformed_rows_are_skipped_and_counted():
 # ----------------------------------------------------------------------------- SFT masks and loss
 
 def test_sft_masks_only_answers_and_counts_the_padding(tmp_path):
-    tok = fsdp.byte_tokenizer()
+    tok = llada.byte_tokenizer()
     data = [json.loads(line) for line in open(rows_file(tmp_path / "rows.jsonl"))]
     ids, answer, _ = sft_8b.encode_rows(data, tok, 256, 64)
     cfg = sft_8b.SFTConfig(**{**sft_8b.PRESETS["tiny"], "t0": 0.5, "t1": 1.0})
@@ -147,11 +147,11 @@ def test_sft_bad_input_is_one_line(tmp_path, case):
     else:      # an export of another size: keys fit, shapes do not
         folder = tmp_path / "other"
         m = model_lib.Transformer(model_lib.get_config("tiny", vocab_size=262, mask_id=257, block_size=64))
-        model_lib.save_safetensors(m, str(folder))
-        config = model_lib.config_to_json(m.cfg, eos_token_id=256)
+        llada.save_safetensors(m, str(folder))
+        config = llada.config_to_json(m.cfg, eos_token_id=256)
         config["d_model"], config["n_heads"] = 48, 2
         (folder / "config.json").write_text(json.dumps(config))
-        fsdp.byte_tokenizer().save(str(folder / "tokenizer.json"))
+        llada.byte_tokenizer().save(str(folder / "tokenizer.json"))
         args += ["--data", rows_file(tmp_path / "rows.jsonl"), "--init", str(folder)]
     r = run("sft_8b.py", args, check=False)
     assert r.returncode == 1 and r.stderr.startswith("error:") and r.stderr.strip().count("\n") == 0, r.stderr
@@ -164,8 +164,8 @@ def test_sft_bad_input_is_one_line(tmp_path, case):
 def harness(m, tok=None, **kw):
     eval_8b = pytest.importorskip("eval_8b")
     pytest.importorskip("lm_eval")
-    tok = tok or fsdp.byte_tokenizer()
-    return eval_8b.MaskedDiffusionLM(m, tok, fsdp.token_ids(tok, m.cfg), "cpu", **kw)
+    tok = tok or llada.byte_tokenizer()
+    return eval_8b.MaskedDiffusionLM(m, tok, llada.token_ids(tok, m.cfg), "cpu", **kw)
 
 
 def exact_log_likelihood(fn, ctx, ans, mask_id):
@@ -267,9 +267,9 @@ def test_eval_cli_on_local_task_files(tmp_path):
     pytest.importorskip("lm_eval")
     m = model_lib.Transformer(model_lib.get_config("tiny", vocab_size=262, mask_id=257, block_size=256))
     folder = tmp_path / "export"
-    model_lib.save_safetensors(m, str(folder))
-    (folder / "config.json").write_text(json.dumps(model_lib.config_to_json(m.cfg, eos_token_id=256)))
-    fsdp.byte_tokenizer().save(str(folder / "tokenizer.json"))
+    llada.save_safetensors(m, str(folder))
+    (folder / "config.json").write_text(json.dumps(llada.config_to_json(m.cfg, eos_token_id=256)))
+    llada.byte_tokenizer().save(str(folder / "tokenizer.json"))
     run("eval_8b.py", ["--checkpoint", str(folder), "--tasks", "arc_challenge,gsm8k", "--data-dir", EVALS,
                        "--limit", "4", "--device", "cpu", "--mc-num", "4", "--gen-length", "16", "--steps", "16",
                        "--block-length", "16", "--out-dir", str(tmp_path / "eval")])
@@ -295,9 +295,9 @@ def test_eval_bad_input_is_one_line(tmp_path, case):
         (tmp_path / "evals").mkdir()
         folder = tmp_path / "export"
         m = model_lib.Transformer(model_lib.get_config("tiny", vocab_size=262, mask_id=257))
-        model_lib.save_safetensors(m, str(folder))
-        (folder / "config.json").write_text(json.dumps(model_lib.config_to_json(m.cfg, eos_token_id=256)))
-        fsdp.byte_tokenizer().save(str(folder / "tokenizer.json"))
+        llada.save_safetensors(m, str(folder))
+        (folder / "config.json").write_text(json.dumps(llada.config_to_json(m.cfg, eos_token_id=256)))
+        llada.byte_tokenizer().save(str(folder / "tokenizer.json"))
         args += ["--tasks", "arc_easy", "--data-dir", str(tmp_path / "evals"), "--checkpoint", str(folder)]
     else:
         (tmp_path / "empty").mkdir()
@@ -353,17 +353,17 @@ def merging_tokenizer():
     vocab = {c: i for i, c in enumerate(chars)}
     vocab["\n\n"], vocab["\n\n5"] = len(vocab), len(vocab) + 1
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "\n"), ("\n\n", "5")]))
-    tok.add_special_tokens([AddedToken(t, special=True) for t in fsdp.SPECIALS])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in llada.SPECIALS])
     return tok
 
 
 def test_the_prompt_answer_boundary_is_exact_with_a_merging_tokenizer():
     tok = merging_tokenizer()
     msgs = conversation("what is 2+3?", "5")
-    whole = tok.encode("".join(sft_8b.chat_text(msgs)), add_special_tokens=False).ids
-    prompt, answer = sft_8b.chat_ids(tok, msgs)
+    whole = tok.encode("".join(llada.chat_text(msgs)), add_special_tokens=False).ids
+    prompt, answer = llada.chat_ids(tok, msgs)
     assert whole[:len(prompt)] != prompt                 # encoded together, the boundary token merges ...
-    assert prompt == tok.encode(sft_8b.chat_text(msgs)[0], add_special_tokens=False).ids
+    assert prompt == tok.encode(llada.chat_text(msgs)[0], add_special_tokens=False).ids
     assert answer == [tok.token_to_id("5"), tok.token_to_id("<|eot_id|>")]      # ... apart, the answer is exact
     ids, masks, _ = sft_8b.encode_rows([{"messages": msgs}], tok, tok.token_to_id("<|endoftext|>"), 48)
     assert ids[0, len(prompt)].item() == tok.token_to_id("5") and not masks[0, :len(prompt)].any() \
@@ -372,7 +372,7 @@ def test_the_prompt_answer_boundary_is_exact_with_a_merging_tokenizer():
 
 def test_held_out_rows_are_never_training_rows():
     """Issue 24.7: a dataset's duplicates of a held-out row are dropped from training (3 of 8 were kept)."""
-    tok = fsdp.byte_tokenizer()
+    tok = llada.byte_tokenizer()
     rows = [{"messages": conversation(f"{i % 3}+1?", str(i % 3 + 1))} for i in range(12)]
     ids, masks, _ = sft_8b.encode_rows(rows, tok, 256, 64)
     eval_ids, _, train_ids, _, dropped = sft_8b.split_held_out(ids, masks, 2)
@@ -382,7 +382,7 @@ def test_held_out_rows_are_never_training_rows():
 
 def test_content_that_is_not_text_is_skipped_or_joined():
     """Issue 24.5: `content: null` is skipped and counted (never "None"); a list of text parts is joined."""
-    tok = fsdp.byte_tokenizer()
+    tok = llada.byte_tokenizer()
     parts = [{"role": "user", "content": [{"type": "text", "text": "1+"}, {"type": "text", "text": "1?"}]},
              {"role": "assistant", "content": "2"}]
     rows = [{"messages": parts}, {"messages": conversation(a=None)}, {"messages": conversation(a=[1, 2])}]
@@ -405,19 +405,19 @@ def test_chat_markers_get_llada_instructs_ids_or_are_refused():
     """Issue 24.8: LLaDA-8B-Base's tokenizer lacks the chat markers: added with LLaDA-Instruct's ids
     (<|eot_id|> = 126348, the id its sampler uses); any other tokenizer without them is refused."""
     tok = llada_base_like_tokenizer()
-    ids = fsdp.chat_tokens(tok)
+    ids = llada.chat_tokens(tok)
     assert ids == {"<|start_header_id|>": 126346, "<|end_header_id|>": 126347, "<|eot_id|>": 126348}
     assert tok.encode("<|eot_id|>", add_special_tokens=False).ids == [126348]
-    with pytest.raises(fsdp.common.UserError, match="no <|start_header_id|>, <|end_header_id|>, <|eot_id|> token"):
-        fsdp.chat_tokens(llada_base_like_tokenizer(last_id=126400))
+    with pytest.raises(cli.UserError, match="no <|start_header_id|>, <|end_header_id|>, <|eot_id|> token"):
+        llada.chat_tokens(llada_base_like_tokenizer(last_id=126400))
 
 
 def tiny_export(folder, **config_changes):
     m = model_lib.Transformer(model_lib.get_config("tiny", vocab_size=262, mask_id=257, block_size=64))
-    model_lib.save_safetensors(m, str(folder))
-    config = {**model_lib.config_to_json(m.cfg, eos_token_id=256), **config_changes}
+    llada.save_safetensors(m, str(folder))
+    config = {**llada.config_to_json(m.cfg, eos_token_id=256), **config_changes}
     (folder / "config.json").write_text(json.dumps(config))
-    fsdp.byte_tokenizer().save(str(folder / "tokenizer.json"))
+    llada.byte_tokenizer().save(str(folder / "tokenizer.json"))
     return m
 
 

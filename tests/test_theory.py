@@ -137,8 +137,8 @@ def test_ngram_weights_second_order_chain():
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "wikitext-2")), reason="needs ../shared/data")
 def test_ngram_t_star_on_wikitext2():
-    import common
-    enc = common.gpt2_tokenizer(os.path.join(SHARED_DATA, "gpt2-tokenizer", "gpt2.tiktoken"))
+    from machinery import corpus
+    enc = corpus.gpt2_tokenizer(os.path.join(SHARED_DATA, "gpt2-tokenizer", "gpt2.tiktoken"))
     ids = enc.encode_ordinary(open(os.path.join(SHARED_DATA, "wikitext-2", "wiki.valid.raw")).read())
     w, _ = theory.ngram_weights(ids)
     assert w[2] > w[3] > w[6]

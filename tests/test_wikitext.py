@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import ROOT, SHARED_DATA
 
-import common
 import wikitext
+from machinery import cli, corpus, files, optim
 
 WT2 = os.path.join(SHARED_DATA, "wikitext-2")
 RANKS = os.path.join(SHARED_DATA, "gpt2-tokenizer", "gpt2.tiktoken")
@@ -27,14 +27,14 @@ def tiny_cfg(tmp_path, **kw):
 
 @needs_data
 def test_tokenizer_from_local_rank_file():
-    enc = common.gpt2_tokenizer(RANKS)
+    enc = corpus.gpt2_tokenizer(RANKS)
     assert enc.encode("Hello world") == [15496, 995]
     assert enc.n_vocab == 50257 and enc.eot_token == 50256
 
 
 def test_tokenizer_file_missing():
-    with pytest.raises(common.UserError):
-        common.gpt2_tokenizer("/nonexistent/gpt2.tiktoken")
+    with pytest.raises(cli.UserError):
+        corpus.gpt2_tokenizer("/nonexistent/gpt2.tiktoken")
 
 
 @needs_data
@@ -43,12 +43,12 @@ def test_memmap_cache_round_trip(tmp_path, monkeypatch):
     data.mkdir()
     shutil.copy(os.path.join(WT2, "wiki.test.raw"), data / "wiki.test.raw")
     cfg = tiny_cfg(tmp_path, data=str(data))
-    enc = common.gpt2_tokenizer(RANKS)
-    ids = wikitext.load_tokens(cfg, "test", enc)
+    enc = corpus.gpt2_tokenizer(RANKS)
+    ids = wikitext.load_split(cfg, "test", enc)
     want = enc.encode_ordinary(open(data / "wiki.test.raw", encoding="utf-8").read())
     assert ids.dtype == np.uint16 and np.array_equal(np.asarray(ids), np.array(want))
-    monkeypatch.setattr(wikitext, "encode_split", None)          # the cache alone must serve it now
-    assert np.array_equal(np.asarray(wikitext.load_tokens(cfg, "test", enc)), np.array(want))
+    monkeypatch.setattr(corpus, "encode", None)          # the cache alone must serve it now
+    assert np.array_equal(np.asarray(wikitext.load_split(cfg, "test", enc)), np.array(want))
 
 
 def test_get_batch_windows():
@@ -76,16 +76,16 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     _, straight = wikitext.train(cfg, str(tmp_path / "a"), quiet=True)
 
     saves = []
-    real_save = common.atomic_torch_save
+    real_save = files.atomic_torch_save
 
-    def crash_after_first_checkpoint(obj, path):
-        real_save(obj, path)
+    def crash_after_first_checkpoint(obj, path, **kw):
+        real_save(obj, path, **kw)
         saves.append(obj["step"])
         raise KeyboardInterrupt                                   # the machine goes down at step 3
-    monkeypatch.setattr(common, "atomic_torch_save", crash_after_first_checkpoint)
+    monkeypatch.setattr(files, "atomic_torch_save", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         wikitext.train(cfg, str(tmp_path / "b"), quiet=True)
-    monkeypatch.setattr(common, "atomic_torch_save", real_save)
+    monkeypatch.setattr(files, "atomic_torch_save", real_save)
     assert saves == [3]
     _, resumed = wikitext.train(cfg, str(tmp_path / "b"), resume=True, quiet=True)
     losses = lambda h: [(e["step"], e["train_loss"]) for e in h if "train_loss" in e]
@@ -105,7 +105,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
         out = real(*a, **k)
         return out * float("nan") if len(calls) == 3 else out
     monkeypatch.setattr(wikitext.masking, "md_loss", poisoned)
-    with pytest.raises(common.UserError, match="step 3.*step 2"):
+    with pytest.raises(cli.UserError, match="step 3.*step 2"):
         wikitext.train(cfg, str(tmp_path / "run"), quiet=True)
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 2
 
@@ -122,7 +122,7 @@ def test_sweep_skips_finished_runs_and_plots(tmp_path, monkeypatch):
     for i, (t0, t1) in enumerate(wikitext.SWEEP):
         fake_run(tmp_path, t0, t1, 5.0 + abs(i - 4.5) / 10)
     monkeypatch.setattr(wikitext, "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
-    results = wikitext.sweep(wikitext.WikiConfig(), wikitext.SWEEP, str(tmp_path), "cpu", False, [])
+    results = wikitext.sweep_intervals(wikitext.WikiConfig(), wikitext.SWEEP, str(tmp_path))
     assert len(results["runs"]) == 11 and results["runs"][4]["test_loss"] == pytest.approx(5.05)
     assert (tmp_path / "sweep.csv").read_text().count("\n") == 12
     wikitext.plot_sweep(json.load(open(tmp_path / "sweep.json")), str(tmp_path))
@@ -139,7 +139,7 @@ def test_sweep_trains_only_missing_runs(tmp_path, monkeypatch):
         fake_run(tmp_path, cfg.t0, cfg.t1, 5.5)
         return dict(test_loss=5.5, train_loss_in_window=5.6, seconds=1.0), []
     monkeypatch.setattr(wikitext, "train", fake_train)
-    wikitext.sweep(wikitext.WikiConfig(), [(0.0, 0.1), (0.4, 0.5)], str(tmp_path), "cpu", False, [])
+    wikitext.sweep_intervals(wikitext.WikiConfig(), [(0.0, 0.1), (0.4, 0.5)], str(tmp_path))
     assert trained == [(0.4, 0.5)]
 
 
@@ -152,11 +152,14 @@ def test_parse_intervals():
 
 
 def test_lr_schedule():
+    """wikitext.py's schedule: linear warm-up, then nanoGPT's cosine to min_lr at max_steps."""
     cfg = wikitext.WikiConfig(lr=1e-3, min_lr=1e-4, warmup=10, max_steps=110)
-    assert wikitext.lr_at(0, cfg) == pytest.approx(1e-4)
-    assert wikitext.lr_at(9, cfg) == pytest.approx(1e-3)
-    assert wikitext.lr_at(60, cfg) == pytest.approx(5.5e-4)
-    assert wikitext.lr_at(110, cfg) == pytest.approx(1e-4)
+    lr_at = lambda step: optim.lr_at(step, cfg.lr, warmup=cfg.warmup, max_steps=cfg.max_steps, schedule="cosine",
+                                     min_lr=cfg.min_lr)
+    assert lr_at(0) == pytest.approx(1e-4)
+    assert lr_at(9) == pytest.approx(1e-3)
+    assert lr_at(60) == pytest.approx(5.5e-4)
+    assert lr_at(110) == pytest.approx(1e-4)
 
 
 @needs_data

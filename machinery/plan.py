@@ -1,6 +1,6 @@
 """
 How much a LLaDA-8B run needs and how fast it goes (pretrain_8b.py and sft_8b.py --dry-run,
---ac auto, --benchmark):
+--ac auto, --benchmark; wikitext.py's --benchmark times its steps with time_steps):
 
     memory_gib  the arithmetic: bytes per part (parameters, gradients, AdamW, gathered units,
                 reduce buffers, the t = 1 logits, an allowance) and activations per checkpointing policy
@@ -28,12 +28,12 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-import common
-import fsdp
 import masking
 import model as model_lib
+from machinery import distributed, fsdp, llada
+from machinery.cli import UserError, check_positive, user_input
+from machinery.optim import clip_gradients
 
 GIB = 2.0 ** 30
 ALLOWANCE_GIB = 3.0      # CUDA context, NCCL buffers, fragmentation: what no trace of tensors sees
@@ -44,10 +44,10 @@ def plan_model_config(cfg, model_cfg=None):
     """The model a run would build (its vocabulary sized as the run sizes it), or `model_cfg` itself."""
     if model_cfg is not None:
         return model_cfg
-    with common.user_input():
+    with user_input():
         mc = model_lib.get_config(cfg.model, block_size=cfg.block_size)
     if not cfg.model.startswith("llada"):
-        mc = replace(mc, vocab_size=256 + len(fsdp.SPECIALS), mask_id=257)
+        mc = replace(mc, vocab_size=256 + len(llada.SPECIALS), mask_id=257)
     return mc
 
 
@@ -132,8 +132,10 @@ def worst_case_step(m, x0, accumulation, before_each=None):
 def trace_in_child(mc, micro_batch, block_size, world, policy):
     """plan.trace in a child process (a run already holds a process group): its JSON result."""
     args = json.dumps(dict(mc=vars(mc), micro_batch=micro_batch, block_size=block_size, world=world, policy=policy))
-    env = {k: v for k, v in os.environ.items() if k not in common.TORCHRUN_VARS and not k.startswith("TORCHELASTIC")}
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), args], capture_output=True, text=True, env=env)
+    env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARS and not k.startswith("TORCHELASTIC")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "machinery.plan", args], capture_output=True, text=True, env=env,
+                       cwd=root)
     if r.returncode:
         raise RuntimeError(f"the memory trace failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -160,10 +162,11 @@ def auto_policy(peaks, gpu_gib):
     return next((p for p, t in peaks.items() if fits(t["total"], gpu_gib)), "full")
 
 
-def choose_ac(cfg, world, device, model_cfg=None):
+def choose_ac(cfg, world, device, model_cfg=None, ranks=None):
     """--ac auto: on a GPU, the cheapest policy in recomputation (none, then selective, then full)
     whose traced peak plus the allowance fits 90% of --gpu-gib, for the model the run builds
-    (`model_cfg`; SFT's is --init's); on a CPU, none. Rank 0 traces, every rank gets its choice."""
+    (`model_cfg`; SFT's is --init's); on a CPU, none. In a run (`ranks`: its distributed.World) rank 0
+    traces and every rank gets its choice."""
     if cfg.ac != "auto":
         return cfg.ac
     if not device.startswith("cuda"):
@@ -173,10 +176,57 @@ def choose_ac(cfg, world, device, model_cfg=None):
     def decide():
         peaks = traced_peaks(mc, cfg, world, POLICIES, stop_when_fits=True)
         return auto_policy(peaks, cfg.gpu_gib)
-    return common.broadcast(decide() if common.rank() == 0 else None)
+    return decide() if ranks is None else distributed.rank0(decide, ranks)
 
 
 # ----------------------------------------------------------------------------- --dry-run
+
+def add_flags(p, benchmark=False):
+    """--dry-run's flags (and --benchmark's, for pretrain_8b.py)."""
+    g = p.add_argument_group("the plan (--dry-run) and the benchmark")
+    g.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for (default: the "
+                                                                "launcher's, else 8)")
+    g.add_argument("--plan-mfu", type=float, default=0.40, help="--dry-run: MFU to time the run at (%(default)s)")
+    g.add_argument("--no-trace", dest="trace", action="store_false",
+                   help="--dry-run: the arithmetic alone, without tracing a step on fake tensors")
+    if benchmark:
+        g.add_argument("--benchmark", action="store_true", help="time full-width training steps (see --bench-layers)")
+        g.add_argument("--bench-layers", type=int, default=4, help="--benchmark: blocks (0: the preset's) (%(default)s)")
+        g.add_argument("--bench-steps", type=int, default=10, help="--benchmark: timed steps (%(default)s)")
+        g.add_argument("--bench-trace", action="store_true", help="--benchmark: also trace the same step on fake "
+                                                                  "tensors, for the traced peak beside the measured one")
+
+
+def dry_run(cfg, a, paper_hours=None, model_cfg=None):
+    """--dry-run: the flags checked, the run's settings checked for the world planned, the plan printed."""
+    check_flags(a)
+    world = a.world_size or int(os.environ.get("WORLD_SIZE", "8"))
+    fsdp.check_run_settings(cfg, world)
+    if model_cfg is not None and cfg.block_size > model_cfg.block_size:
+        raise UserError(f"--block-size {cfg.block_size} exceeds --init's max_sequence_length {model_cfg.block_size}")
+    return plan(cfg, world, a.plan_mfu, paper_hours=paper_hours, model_cfg=model_cfg, traced=a.trace)
+
+
+def run_benchmark(cfg, a, device, compile_model):
+    """--benchmark: the flags checked, the steps timed, OUT_DIR/benchmark.json written by rank 0."""
+    check_flags(a)
+    out = benchmark(cfg, device, compile_model, a.bench_layers, a.bench_steps, timeout_s=a.dist_timeout,
+                    traced=a.bench_trace)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_benchmark(out, a.out_dir or os.path.join("out", "pretrain", f"benchmark_{a.preset}"))
+    return out
+
+
+def check_flags(a):
+    """The --dry-run and --benchmark flags, before anything is planned or built."""
+    check_positive(plan_mfu=a.plan_mfu, **({"world_size": a.world_size} if a.world_size is not None else {}))
+    if a.plan_mfu > 1:
+        raise UserError(f"--plan-mfu is a fraction of the peak (0.4 = 40%), got {a.plan_mfu}")
+    if hasattr(a, "bench_steps"):
+        check_positive(bench_steps=a.bench_steps)
+    if getattr(a, "bench_layers", 0) < 0:
+        raise UserError(f"--bench-layers must be >= 0 (0: the preset's), got {a.bench_layers}")
+
 
 def plan(cfg, world, mfu, peak=989e12, paper_hours=None, model_cfg=None, traced=True):
     """--dry-run: parameters, FLOPs, memory per GPU under each checkpointing policy on `world` GPUs
@@ -246,13 +296,23 @@ def benchmark(cfg, device, compile_model, layers, steps=10, warmup=2, timeout_s=
     per GPU, MFU and peak memory (rank 0 prints). With fewer blocks than the model the head's share
     of the FLOPs is larger than in the full run: it is printed beside the result. traced: rank 0 also
     traces the same model's step on fake tensors (trace_in_child) for its peak beside the measured one."""
-    rank, world, device = fsdp.setup(device, timeout_s)
-    fsdp.check_config(cfg, world)
+    ranks = distributed.setup(device, timeout_s)
+    try:
+        return timed_steps(cfg, ranks, compile_model, layers, steps, warmup, traced)
+    finally:
+        distributed.teardown()
+
+
+def timed_steps(cfg, ranks, compile_model, layers, steps, warmup, traced):
+    """benchmark()'s measurement, once the processes have met."""
+    rank, world, device = ranks.rank, ranks.size, ranks.device
+    fsdp.check_run_settings(cfg, world)
     full = meta_model(plan_model_config(cfg))
     mc = replace(full.cfg, n_layer=min(layers or full.cfg.n_layer, full.cfg.n_layer))     # never more than the model
-    ac = choose_ac(cfg, world, device, mc)
+    ac = choose_ac(cfg, world, device, mc, ranks)
     model, opt = fsdp.build(mc, cfg, device, compile_model, ac)
-    ce_fn, gen = fsdp.loss_ce(compile_model), torch.Generator(device).manual_seed(rank)
+    ce_fn = masking.compiled_token_ce() if compile_model else masking.token_ce
+    gen = torch.Generator(device).manual_seed(rank)
     accum = cfg.batch_size // (cfg.micro_batch * world)
 
     def one_step():
@@ -262,11 +322,11 @@ def benchmark(cfg, device, compile_model, layers, steps=10, warmup=2, timeout_s=
             loss, masked = masking.md_step_loss(model, x0, mc.mask_id, cfg.t0, cfg.t1, generator=gen, ce_fn=ce_fn)
             (loss / accum).backward()
             frac += masked.float().mean() / accum
-        common.clip_gradients(model.parameters(), cfg.grad_clip)
+        clip_gradients(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return frac
-    seconds, fracs = common.time_steps(one_step, steps, warmup, device)
+    seconds, fracs = time_steps(one_step, steps, warmup, device)
     frac, cuda = fracs.mean().item(), device.startswith("cuda")
     tok_s = steps * accum * cfg.micro_batch * cfg.block_size / seconds      # per GPU
     fpt = model.flops_per_token(cfg.block_size, frac)
@@ -289,6 +349,31 @@ def benchmark(cfg, device, compile_model, layers, steps=10, warmup=2, timeout_s=
               f"; the head is {100 * out['head_share']:.0f}% of these FLOPs, {100 * out['head_share_full_model']:.0f}% "
               f"of the full model's", flush=True)
     return out
+
+
+def write_benchmark(out, out_dir):
+    """OUT_DIR/benchmark.json, the folder made (or refused in one line) first."""
+    from machinery.files import write_json
+    from machinery.run import prepare_out_dir
+    prepare_out_dir(out_dir)
+    write_json(os.path.join(out_dir, "benchmark.json"), out)
+
+
+def time_steps(step, steps, warmup, device):
+    """Benchmark timing: run `step` warmup times untimed, then `steps` times; on CUDA synchronise
+    and reset the peak-memory counter first. Returns (seconds of the timed steps, their outputs
+    stacked)."""
+    import time
+    for _ in range(warmup):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.time()
+    out = torch.stack([step() for _ in range(steps)])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.time() - start, out
 
 
 if __name__ == "__main__":          # trace_in_child's child: one trace, printed as JSON
