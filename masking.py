@@ -23,6 +23,9 @@ sequence (LLaDA). `md_step_loss(stratified=True)` (wikitext.py) tiles a batch's 
 offset instead of drawing each independently as Def. 3.4 does.
 """
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -53,22 +56,76 @@ def check_mask_id(mask_id, tokenizer_vocab, model_vocab, special=()):
         raise ValueError(f"mask id {mask_id} is outside the model's vocabulary of {model_vocab}")
 
 
-def sample_t(n, t0=0.0, t1=1.0, *, stratified=False, generator=None, device=None):
-    """n mask ratios, uniform on [t0, t1] (Def. 3.4). t0 == t1 is a point mass.
+def sample_t(n, t0=0.0, t1=1.0, *, dist="uniform", mean=None, std=None, stratified=False, generator=None,
+             device=None):
+    """n mask ratios: uniform on [t0, t1] (Def. 3.4; t0 == t1 is a point mass), or, with dist "beta" or
+    "logit-normal", bell-shaped around `mean` with spread `std` (the paper's future work; t0 and t1 are
+    then unused). Every distribution is drawn as its inverse CDF of one uniform u, so a run's draws
+    differ between distributions only by that map.
 
-    stratified=True: one shared random offset u and t_i = t0 + (t1 - t0) * ((u + i/n) mod 1),
-    so the n values tile [t0, t1] evenly (spacing (t1 - t0)/n) while each one is still
-    marginally uniform (LLaDA's shared-offset draw; MDLM instead jitters each stratum on its
-    own). It lowers the variance of the batch loss at no cost, but the t of a batch are then
-    not independent, as Def. 3.4's are.
+    stratified=True: one shared random offset u and u_i = (u + i/n) mod 1, so the n values tile the
+    quantiles evenly (for U[t0, t1]: spacing (t1 - t0)/n) while each one is still drawn from the
+    distribution (LLaDA's shared-offset draw; MDLM instead jitters each stratum on its own). It lowers
+    the variance of the batch loss at no cost, but the t of a batch are then not independent, as
+    Def. 3.4's are.
     """
     check_interval(t0, t1)
+    check_t_dist(dist, mean, std)
     if stratified:
-        u = torch.rand(1, generator=generator, device=device)
-        r = (u + torch.arange(n, device=device) / n) % 1.0
+        u = (torch.rand(1, generator=generator, device=device) + torch.arange(n, device=device) / n) % 1.0
     else:
-        r = torch.rand(n, generator=generator, device=device)
-    return t0 + (t1 - t0) * r
+        u = torch.rand(n, generator=generator, device=device)
+    if dist == "uniform":
+        return t0 + (t1 - t0) * u
+    if dist == "logit-normal":        # logit t ~ N(logit(mean), std^2): `mean` is its median
+        return torch.sigmoid(math.log(mean / (1 - mean)) + std * torch.special.ndtri(u))
+    cdf, grid = beta_cdf(*beta_params(mean, std), str(u.device))     # Beta: its tabulated CDF, inverted
+    i = torch.searchsorted(cdf, u.double()).clamp(1, len(cdf) - 1)
+    w = ((u.double() - cdf[i - 1]) / (cdf[i] - cdf[i - 1]).clamp_min(1e-300)).clamp(0, 1)
+    return (grid[i - 1] + w * (grid[i] - grid[i - 1])).to(u.dtype)
+
+
+T_DISTS = ("uniform", "beta", "logit-normal")
+
+
+def check_t_dist(dist, mean, std):
+    """A distribution of t: uniform, or beta / logit-normal with 0 < mean < 1 and std > 0 (a Beta
+    bell-shaped: both its shape parameters at least 1)."""
+    if dist not in T_DISTS:
+        raise ValueError(f"the t distribution must be one of {', '.join(T_DISTS)}, got {dist!r}")
+    if dist == "uniform":
+        return
+    if mean is None or std is None or not (0 < mean < 1 and std > 0):
+        raise ValueError(f"a {dist} t needs 0 < mean < 1 and std > 0, got mean {mean}, std {std}")
+    if dist == "beta":
+        beta_params(mean, std)
+
+
+def beta_params(mean, std):
+    """(a, b) of the Beta distribution with this mean and standard deviation; only bell shapes
+    (a, b >= 1: a density that vanishes at t = 0 and t = 1)."""
+    var = std ** 2
+    if not var < mean * (1 - mean):
+        raise ValueError(f"no Beta distribution has mean {mean} and std {std} (std must be below "
+                         f"{math.sqrt(mean * (1 - mean)):.3f})")
+    common = mean * (1 - mean) / var - 1
+    a, b = mean * common, (1 - mean) * common
+    if a < 1 or b < 1:
+        raise ValueError(f"the Beta with mean {mean} and std {std} is not bell-shaped (a = {a:.2f}, b = {b:.2f}); "
+                         f"use a smaller std")
+    return a, b
+
+
+@functools.lru_cache(maxsize=16)
+def beta_cdf(a, b, device="cpu", points=2 ** 18 + 1):
+    """(CDF, t): Beta(a, b)'s cumulative distribution on `points` equally spaced t of [0, 1], its density
+    integrated by trapezoids (float64); sample_t inverts it by linear interpolation, exact to ~1e-6 in t."""
+    t = torch.linspace(0, 1, points, dtype=torch.float64)
+    log_pdf = torch.xlogy(torch.tensor(a - 1.0, dtype=torch.float64), t) + \
+        torch.xlogy(torch.tensor(b - 1.0, dtype=torch.float64), 1 - t)
+    pdf = torch.exp(log_pdf - log_pdf.max())
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum((pdf[1:] + pdf[:-1]) / 2, 0)])
+    return (cdf / cdf[-1]).to(device), t.to(device)
 
 
 def mask_tokens(x0, t, mask_id, *, maskable=None, generator=None):
@@ -125,12 +182,13 @@ def md_loss(logits, x0, masked, t, *, maskable=None, reduction="mean", ce_fn=tok
 
 
 def md_step_loss(model, x0, mask_id, t0, t1, *, generator=None, stratified=False, maskable=None,
-                 masked_head=True, ce_fn=token_ce):
+                 masked_head=True, ce_fn=token_ce, dist="uniform", mean=None, std=None):
     """One draw of the MD objective on a batch x0 (B, L), the step every training script takes:
     t ~ U[t0, t1] per sequence (Def. 3.4; stratified: see sample_t), the masks (SFT: only where
     `maskable`), the model (its output head at the masked positions only, when masked_head), the
     loss. Returns (loss, masked)."""
-    t = sample_t(len(x0), t0, t1, stratified=stratified, generator=generator, device=x0.device)   # (B,)
+    t = sample_t(len(x0), t0, t1, dist=dist, mean=mean, std=std, stratified=stratified, generator=generator,
+                 device=x0.device)                                                               # (B,)
     xt, masked = mask_tokens(x0, t, mask_id, maskable=maskable, generator=generator)             # (B, L)
     logits = model(xt, output_mask=masked) if masked_head else model(xt)
     return md_loss(logits, x0, masked, t, maskable=maskable, ce_fn=ce_fn), masked

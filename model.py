@@ -62,6 +62,9 @@ PRESETS = {
     # a CPU-sized stand-in with the same vocabulary, for wikitext.py --preset cpu
     "wikitext-cpu": ModelConfig(vocab_size=50304, mask_id=50257, block_size=150, n_layer=2, n_head=4,
                                 d_model=128, mlp_hidden=512),
+    # wikitext.py --preset bytes: WikiText as raw bytes (256 values + MASK), a laptop-sized model
+    "bytes": ModelConfig(vocab_size=257, mask_id=256, block_size=256, n_layer=3, n_head=4, d_model=128,
+                         mlp_hidden=512),
     # §5.2: LLaDA-8B (Nie et al. 2025), the architecture of GSAI-ML/LLaDA-8B-Base
     "llada-8b": ModelConfig(vocab_size=126464, mask_id=126336, block_size=4096, n_layer=32, n_head=32,
                             d_model=4096, mlp_hidden=12288, norm="rmsnorm", mlp="swiglu", pos="rope",

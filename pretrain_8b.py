@@ -85,6 +85,7 @@ PRESETS = {
 
 
 SCRIPT = "pretrain_8b.py"
+LENGTH_SEED_OFFSET = 500_000    # step s's length is drawn from seed * stride + offset + s: no slot's mask generator
 BOOKKEEPING = ("log_every", "save_every", "keep", "export_dtype", "ac", "gpu_gib", "last_save_model_only")
 
 
@@ -175,7 +176,7 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, expo
 def sequence_length(step, cfg):
     """LLaDA: with probability random_length_prob a step trains on a length uniform on [1, block],
     drawn from a generator seeded by the step, so every rank crops to the same length."""
-    g = torch.Generator().manual_seed(cfg.seed * dclm.SLOT_SEED_STRIDE + step)
+    g = torch.Generator().manual_seed(cfg.seed * dclm.SLOT_SEED_STRIDE + LENGTH_SEED_OFFSET + step)
     if torch.rand((), generator=g).item() < cfg.random_length_prob:
         return int(torch.randint(1, cfg.block_size + 1, (), generator=g))
     return cfg.block_size

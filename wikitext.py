@@ -6,7 +6,7 @@ The 50M masked-diffusion language model on WikiText and the interval sweep (pape
     python wikitext.py --preset cpu --sweep              # the same sweep, CPU-sized, on WikiText-2
     python wikitext.py --interval auto                   # the window around the corpus's t* (theory.py)
     python wikitext.py --benchmark --device cuda         # tokens/s and MFU of training steps
-    torchrun --nproc_per_node=8 wikitext.py              # DDP
+    torchrun --nproc_per_node=8 wikitext.py --micro-batch 128   # DDP: 1024 = 1 x 128 x 8
 
 Training draws t ~ U[t0, t1] and minimises masking.md_loss; the test loss is the
 full-range bound masking.elbo_nll (t over all of [0, 1], whatever the training
@@ -61,6 +61,9 @@ class WikiConfig:
     grad_clip: float = 1.0
     t0: float = 0.0
     t1: float = 1.0
+    t_dist: str = "uniform"           # uniform on [t0, t1] | beta | logit-normal (around t_mean, spread t_std)
+    t_mean: float = 0.5
+    t_std: float = 0.1
     eval_every: int = 250
     eval_seqs: int = 512
     eval_draws: int = 8
@@ -88,10 +91,18 @@ PRESETS = {
                  log_every=5),
 }
 
+# WikiText-2's validation text as raw bytes on a laptop CPU (README "WikiText on bytes"): 3 blocks of
+# width 128 (0.66 M parameters) on windows of 64 bytes, 32 a step, 3,000 steps (5.4 passes over the
+# 1.1 MB); nanoGPT's recipe otherwise (cosine from 2e-3, clipping at 1). ~3.5 minutes on 2 CPU threads.
+PRESETS["bytes"] = dict(model="bytes", tokenizer="bytes", dataset="wikitext-2", train_split="valid", block_size=64,
+                        batch_size=32, micro_batch=32, max_steps=3000, lr=2e-3, min_lr=2e-4, warmup=100,
+                        eval_every=250, eval_seqs=128, eval_draws=8, ckpt_every=500, log_every=100)
+
 SCRIPT = "wikitext.py"
+PLATEAU_MARGIN = 0.1        # a run has left the unigram plateau at its first test loss this far below H_1
 SWEEP = [(round(i / 10, 1), round((i + 1) / 10, 1)) for i in range(10)] + [(0.0, 1.0)]
 EVAL_SEED = 1234            # the test loss's masks: one generator seeded so, every run and every evaluation alike
-DATA_SEED_STRIDE = 1000     # rank r of a run seeded s draws batches from s * stride + r, masks from the next
+DATA_SEED_STRIDE = 1000     # rank r of a run seeded s draws batches from s * stride + 2r, masks from s * stride + 2r + 1
 BOOKKEEPING = ("log_every", "ckpt_every", "cache_dir")
 
 
@@ -120,9 +131,11 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
                 raise UserError(f"the {cfg.train_split} split has only {len(train_tokens)} tokens")
             if len(test_seqs) == 0:
                 raise UserError(f"the {cfg.eval_split} split has fewer than {cfg.block_size} tokens")
+            unigram = unigram_entropy(train_tokens)     # what a model that ignores context scores (its plateau)
             accum = cfg.batch_size // (cfg.micro_batch * world)
-            if accum < 1:
-                raise UserError(f"--batch-size {cfg.batch_size} < --micro-batch {cfg.micro_batch} x {world} processes")
+            if cfg.batch_size % (cfg.micro_batch * world):
+                raise UserError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch {cfg.micro_batch} x "
+                                f"{world} processes; change --batch-size or --micro-batch")
 
             # model: nanoGPT-style, bidirectional; its output head on the masked positions only
             with cli.user_input():
@@ -132,8 +145,8 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
                 for block in model.transformer.blocks:
                     block.compile()
             opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
-            data_gen = torch.Generator().manual_seed(cfg.seed * DATA_SEED_STRIDE + rank)
-            mask_gen = torch.Generator(device).manual_seed(cfg.seed * DATA_SEED_STRIDE + rank + 1)
+            data_gen = torch.Generator().manual_seed(cfg.seed * DATA_SEED_STRIDE + 2 * rank)
+            mask_gen = torch.Generator(device).manual_seed(cfg.seed * DATA_SEED_STRIDE + 2 * rank + 1)
             run.restore(model=model, opt=opt, data_gen=data_gen, mask_gen=mask_gen)
         ddp = model
         if world > 1:
@@ -160,7 +173,8 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
                 with autocast(device):                  # t ~ U[t0, t1], masks, forward, the 1/t-weighted CE
                     micro_loss, masked = masking.md_step_loss(ddp, x0, model.cfg.mask_id, cfg.t0, cfg.t1,
                                                               generator=mask_gen, stratified=cfg.stratified_t,
-                                                              masked_head=cfg.masked_head, ce_fn=ce)
+                                                              masked_head=cfg.masked_head, ce_fn=ce, dist=cfg.t_dist,
+                                                              mean=cfg.t_mean, std=cfg.t_std)
                 (micro_loss / accum).backward()
                 loss += micro_loss.detach() / accum
                 masked_share += masked.float().mean() / accum
@@ -192,7 +206,7 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
                         step=done, test_loss=test_loss, test_loss_bins=bins)
             if done % cfg.ckpt_every == 0 or done == max_steps:
                 run.save(done, model=model, opt=opt, data_gen=data_gen, mask_gen=mask_gen)
-        return run.finish(summarize(cfg, run.history, model, run.seconds())), run.history
+        return run.finish(summarize(cfg, run.history, model, run.seconds(), unigram)), run.history
 
 
 def model_config(cfg):
@@ -208,6 +222,8 @@ def check_config(cfg, model_cfg):
     cli.check_settings(cfg, positive=("batch_size", "micro_batch", "block_size", "max_steps", "eval_every",
                                       "ckpt_every", "log_every", "eval_seqs", "eval_draws"))
     cli.check_interval(cfg.t0, cfg.t1)
+    with cli.user_input():
+        masking.check_t_dist(cfg.t_dist, cfg.t_mean, cfg.t_std)
     if cfg.block_size > model_cfg.block_size:
         raise UserError(f"--block-size {cfg.block_size} exceeds the model's {model_cfg.block_size}")
     if cfg.batch_size % cfg.micro_batch:
@@ -285,23 +301,41 @@ def autocast(device):
         torch.autocast("cpu", enabled=False)
 
 
+def unigram_entropy(tokens):
+    """H_1 of a token stream in nats/token: the test loss of a model that ignores every context."""
+    counts = np.bincount(np.asarray(tokens))
+    p = counts[counts > 0] / len(tokens)
+    return float(-(p * np.log(p)).sum())
+
+
 def describe(cfg):
-    return f"MD U[{cfg.t0:g}, {cfg.t1:g}]"
+    if cfg.t_dist == "uniform":
+        return f"MD U[{cfg.t0:g}, {cfg.t1:g}]"
+    return f"MD t ~ {cfg.t_dist}(mean {cfg.t_mean:g}, std {cfg.t_std:g})"
 
 
-def summarize(cfg, history, model, seconds):
+def window_name(cfg):
+    """U0.2-0.3, beta0.34-0.029, logit-normal0.34-0.5: a run's distribution of t, for folder names."""
+    return f"U{cfg.t0:g}-{cfg.t1:g}" if cfg.t_dist == "uniform" else f"{cfg.t_dist}{cfg.t_mean:g}-{cfg.t_std:g}"
+
+
+def summarize(cfg, history, model, seconds, unigram):
+    """The run's result: its last test loss (and t-bins), the curve, and the step at which the test loss
+    left the unigram plateau (first fell PLATEAU_MARGIN below H_1 of the training tokens)."""
     evals = [h for h in history if "test_loss" in h]
     trains = [h for h in history if "train_loss" in h]
     last = evals[-1]
+    left = next((h["step"] for h in evals if h["test_loss"] < unigram - PLATEAU_MARGIN), None)
     return dict(parameters=model.num_params(), steps=last["step"],
                 tokens=last["step"] * cfg.batch_size * cfg.block_size, seconds=round(seconds, 1),
                 test_loss=last["test_loss"], test_loss_bins=last["test_loss_bins"],
                 train_loss_in_window=trains[-1]["train_loss"] if trains else None,
+                unigram_entropy=unigram, left_plateau_at=left,
                 test_loss_curve=[(h["step"], h["test_loss"]) for h in evals])
 
 
 def default_out_dir(cfg, preset):
-    return os.path.join("out", "wikitext", f"{preset}_U{cfg.t0:g}-{cfg.t1:g}_s{cfg.seed}")
+    return os.path.join("out", "wikitext", f"{preset}_{window_name(cfg)}_s{cfg.seed}")
 
 
 def auto_interval(cfg, width):
@@ -320,106 +354,149 @@ def auto_interval(cfg, width):
 # ----------------------------------------------------------------------------- the sweep (Fig. 3, 7)
 
 SWEEP_KIND = "wikitext.py --sweep"
-
-
-def run_dir(out_dir, t0, t1):
-    return os.path.join(out_dir, f"run_{t0:g}-{t1:g}")
+SWEEP = [dict(t0=round(i / 10, 1), t1=round((i + 1) / 10, 1)) for i in range(10)] + [dict(t0=0.0, t1=1.0)]
 
 
 def parse_intervals(text):
-    """'0-0.1,0.45-0.55' -> [(0.0, 0.1), (0.45, 0.55)]"""
-    try:
-        out = [tuple(float(v) for v in item.split("-")) for item in text.split(",")]
-    except ValueError:
-        raise UserError(f"--intervals wants T0-T1[,T0-T1...], got {text!r}") from None
-    for iv in out:
-        if len(iv) != 2:
-            raise UserError(f"--intervals wants T0-T1[,T0-T1...], got {text!r}")
-        masking.check_interval(*iv)
+    """'0-0.1,0.45-0.55,beta:0.34:0.029' -> the settings of each run's t: [{t0, t1}, ..., {t_dist, t_mean,
+    t_std}] (uniform windows T0-T1; DIST:MEAN:STD for beta and logit-normal)."""
+    out = []
+    for item in text.split(","):
+        try:
+            if ":" in item:
+                dist, mean, std = item.split(":")
+                spec = dict(t_dist=dist, t_mean=float(mean), t_std=float(std))
+                masking.check_t_dist(dist, spec["t_mean"], spec["t_std"])
+            else:
+                t0, t1 = (float(v) for v in item.split("-"))
+                spec = dict(t0=t0, t1=t1)
+                masking.check_interval(t0, t1)
+        except ValueError as e:
+            raise UserError(f"--intervals wants T0-T1 or DIST:MEAN:STD items separated by commas, got {item!r}"
+                            + (f" ({e})" if "--intervals" not in str(e) and str(e) else "")) from None
+        out.append(spec)
     return out
+
+
+def run_dir(out_dir, cfg):
+    return os.path.join(out_dir, f"run_{window_name(cfg)}_s{cfg.seed}")
 
 
 def train_one(cfg, out_dir, compile_model, timeout_s, device):
     """One run of the sweep (a job of sweep.run_jobs): finished runs are reused, interrupted ones resumed."""
     summary, _ = train(cfg, out_dir, device=device, resume=True, compile_model=compile_model, timeout_s=timeout_s)
-    return cfg.t0, cfg.t1, summary
+    return cfg, summary
 
 
 def print_result(result):
-    t0, t1, s = result
-    print(f"U[{t0:g}, {t1:g}]: test loss {s['test_loss']:.4f} (in-window train loss {s['train_loss_in_window']:.4f}) "
-          f"in {s['seconds']:.0f}s", flush=True)
+    cfg, s = result
+    left = f"left the plateau at step {s['left_plateau_at']}" if s.get("left_plateau_at") else "still on the plateau"
+    print(f"{describe(cfg)}, seed {cfg.seed}: test loss {s['test_loss']:.4f} (in-window train loss "
+          f"{s['train_loss_in_window']:.4f}; {left}) in {s['seconds']:.0f}s", flush=True)
 
 
-def sweep_intervals(cfg, intervals, out_dir, device="cpu", jobs=1, compile_model=False, timeout_s=600.0):
-    """Train every interval, `jobs` CPU processes (or every GPU) at a time (finished runs with these settings
-    are reused, interrupted ones resumed, a finished run with other settings refused) and collect the
-    results."""
-    if len(set(intervals)) < len(intervals):
+def sweep_intervals(cfg, intervals, out_dir, device="cpu", jobs=1, compile_model=False, timeout_s=600.0, seeds=None):
+    """Train every interval (or distribution of t) for every seed, `jobs` CPU processes (or every GPU) at a
+    time (finished runs with these settings are reused, interrupted ones resumed, a finished run with other
+    settings refused) and collect the results. The runs of one seed share their data order, and every run
+    its test draws: they compare paired."""
+    seeds = list(seeds or [cfg.seed])
+    specs = [tuple(sorted(spec.items())) for spec in intervals]
+    if len(set(specs)) < len(specs):
         raise UserError(f"--intervals names an interval twice: {intervals}")
-    with sweep.Collection(out_dir, SWEEP_KIND, dict(settings=asdict(cfg), intervals=intervals)) as folder:
-        planned = [(replace(cfg, t0=t0, t1=t1), run_dir(out_dir, t0, t1), compile_model, timeout_s)
-                   for t0, t1 in intervals]
+    if len(set(seeds)) < len(seeds):
+        raise UserError(f"--seeds names a seed twice: {seeds}")
+    configs = [replace(cfg, **spec, seed=seed) for seed in seeds for spec in intervals]
+    with sweep.Collection(out_dir, SWEEP_KIND, dict(settings=asdict(cfg), intervals=intervals, seeds=seeds)) as folder:
+        planned = [(c, run_dir(out_dir, c), compile_model, timeout_s) for c in configs]
         folder.run(train_one, planned, device, jobs, ignore=BOOKKEEPING, on_result=print_result)
-        results = collect(intervals, out_dir)
+        results = collect(configs, out_dir)
         folder.finish("sweep.json", results)
     return results
 
 
-def collect(intervals, out_dir):
+def collect(configs, out_dir):
+    """Every run's result (sweep.csv) and, per distribution of t, its mean and spread over seeds, and
+    its paired gap to U[0, 1] of the same seed (when the sweep holds U[0, 1])."""
     runs = []
-    for t0, t1 in intervals:
-        with open(os.path.join(run_dir(out_dir, t0, t1), "summary.json")) as f:
+    for cfg in configs:
+        with open(os.path.join(run_dir(out_dir, cfg), "summary.json")) as f:
             s = json.load(f)
-        runs.append(dict(t0=t0, t1=t1, test_loss=s["test_loss"], train_loss_in_window=s["train_loss_in_window"],
-                         test_loss_bins=s["test_loss_bins"], test_loss_curve=s["test_loss_curve"],
-                         steps=s["steps"], seconds=s["seconds"]))
+        runs.append(dict(window=window_name(cfg), t_dist=cfg.t_dist, t0=cfg.t0, t1=cfg.t1, t_mean=cfg.t_mean,
+                         t_std=cfg.t_std, seed=cfg.seed, test_loss=s["test_loss"],
+                         train_loss_in_window=s["train_loss_in_window"], test_loss_bins=s["test_loss_bins"],
+                         test_loss_curve=s["test_loss_curve"], unigram_entropy=s.get("unigram_entropy"),
+                         left_plateau_at=s.get("left_plateau_at"), steps=s["steps"], seconds=s["seconds"]))
+    base = {r["seed"]: r["test_loss"] for r in runs if r["window"] == "U0-1"}
+    table = []
+    for window in dict.fromkeys(r["window"] for r in runs):
+        rs = [r for r in runs if r["window"] == window]
+        losses = [r["test_loss"] for r in rs]
+        gaps = [r["test_loss"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        table.append(dict(window=window, seeds=[r["seed"] for r in rs], test_loss=losses, mean=float(np.mean(losses)),
+                          std=float(np.std(losses, ddof=1)) if len(rs) > 1 else None,
+                          gap_to_U01=gaps if len(gaps) == len(rs) else None,
+                          mean_gap_to_U01=float(np.mean(gaps)) if gaps and len(gaps) == len(rs) else None,
+                          left_plateau_at=[r["left_plateau_at"] for r in rs],
+                          unigram_entropy=rs[0]["unigram_entropy"]))
     with open(os.path.join(out_dir, "sweep.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["t0", "t1", "test_loss", "train_loss_in_window", "steps", "seconds"] +
-                   [f"bin_{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10)])
+        w.writerow(["window", "seed", "test_loss", "train_loss_in_window", "unigram_entropy", "left_plateau_at",
+                    "steps", "seconds"] + [f"bin_{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10)])
         for r in runs:
-            w.writerow([r["t0"], r["t1"], f"{r['test_loss']:.4f}", f"{r['train_loss_in_window']:.4f}", r["steps"],
-                        r["seconds"], *(f"{b:.4f}" for b in r["test_loss_bins"])])
-    return dict(runs=runs)
+            w.writerow([r["window"], r["seed"], f"{r['test_loss']:.4f}", f"{r['train_loss_in_window']:.4f}",
+                        "" if r["unigram_entropy"] is None else f"{r['unigram_entropy']:.4f}", r["left_plateau_at"],
+                        r["steps"], r["seconds"], *(f"{b:.4f}" for b in r["test_loss_bins"])])
+    return dict(runs=runs, table=table)
 
 
 def plot_sweep(results, out_dir):
-    """Fig. 3 (final test loss vs interval midpoint, U[0,1] dashed), Fig. 7 (test loss vs step,
-    baseline black) and the per-t-bin test loss of every run."""
+    """Fig. 3 (final test loss vs window midpoint: every seed a point, the mean a line with its spread;
+    U[0, 1] dashed; other distributions of t at their mean), Fig. 7 (test loss vs step, mean over
+    seeds, U[0, 1] black) and the per-t-bin test loss of every window (mean over seeds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = results["runs"]
-    base = [r for r in runs if (r["t0"], r["t1"]) == (0.0, 1.0)]
-    narrow = sorted((r for r in runs if (r["t0"], r["t1"]) != (0.0, 1.0)), key=lambda r: r["t0"] + r["t1"])
+    windows = list(dict.fromkeys(r["window"] for r in runs))
+    of = lambda w: [r for r in runs if r["window"] == w]
+    centre = lambda r: (r["t0"] + r["t1"]) / 2 if r["t_dist"] == "uniform" else r["t_mean"]
+    narrow = sorted((w for w in windows if w != "U0-1" and of(w)[0]["t_dist"] == "uniform"), key=lambda w: centre(of(w)[0]))
+    others = [w for w in windows if w != "U0-1" and of(w)[0]["t_dist"] != "uniform"]
+    mean = lambda w: float(np.mean([r["test_loss"] for r in of(w)]))
+    spread = lambda w: float(np.std([r["test_loss"] for r in of(w)], ddof=1)) if len(of(w)) > 1 else 0.0
+
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.plot([(r["t0"] + r["t1"]) / 2 for r in narrow], [r["test_loss"] for r in narrow], "o-", label="U[t0, t1]")
-    if base:
-        ax.axhline(base[0]["test_loss"], ls="--", color="C0", label=f"U[0, 1]: {base[0]['test_loss']:.3f}")
-    ax.set(xlabel="interval midpoint (t0 + t1)/2", ylabel="test loss (full-range bound, nats/token)",
+    for w in narrow + others:
+        ax.plot([centre(r) for r in of(w)], [r["test_loss"] for r in of(w)], ".", color="0.6", ms=5)
+    ax.errorbar([centre(of(w)[0]) for w in narrow], [mean(w) for w in narrow], yerr=[spread(w) for w in narrow],
+                fmt="o-", capsize=3, label="U[t0, t1], width 0.1 (mean ± s.d. over seeds)")
+    for i, w in enumerate(others):
+        ax.errorbar([centre(of(w)[0])], [mean(w)], yerr=[spread(w)], fmt="s", capsize=3, color=f"C{i + 2}", label=w)
+    if "U0-1" in windows:
+        ax.axhline(mean("U0-1"), ls="--", color="C1", label=f"U[0, 1]: {mean('U0-1'):.3f}")
+    ax.set(xlabel="interval midpoint (t0 + t1)/2, or the mean of t", ylabel="test loss (full-range bound, nats/token)",
            title="Fig. 3: test loss vs masking interval")
-    ax.legend()
+    ax.legend(fontsize=8)
     save_figure(fig, os.path.join(out_dir, "fig3_loss_vs_interval.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     cmap = plt.get_cmap("viridis")
-    for r in narrow:
-        steps, losses = zip(*r["test_loss_curve"])
-        ax.plot(steps, losses, color=cmap((r["t0"] + r["t1"]) / 2), label=f"[{r['t0']:g}, {r['t1']:g}]")
-    for r in base:
-        steps, losses = zip(*r["test_loss_curve"])
-        ax.plot(steps, losses, color="k", lw=2, label="[0, 1]")
-    ax.set(xlabel="step", ylabel="test loss (nats/token)", title="Fig. 7: test loss over training")
+    for w in narrow + others + (["U0-1"] if "U0-1" in windows else []):
+        steps = [step for step, _ in of(w)[0]["test_loss_curve"]]
+        curve = np.mean([[loss for _, loss in r["test_loss_curve"]] for r in of(w)], axis=0)
+        style = dict(color="k", lw=2) if w == "U0-1" else dict(color=cmap(centre(of(w)[0])), ls="-" if w in narrow else ":")
+        ax.plot(steps, curve, label=w, **style)
+    ax.set(xlabel="step", ylabel="test loss (nats/token)", title="Fig. 7: test loss over training (mean over seeds)")
     ax.legend(fontsize=7, ncol=2)
     save_figure(fig, os.path.join(out_dir, "fig7_loss_vs_step.png"))
 
-    ordered = narrow + base
-    grid = np.array([r["test_loss_bins"] for r in ordered])
+    ordered = narrow + others + (["U0-1"] if "U0-1" in windows else [])
+    grid = np.array([np.mean([r["test_loss_bins"] for r in of(w)], axis=0) for w in ordered])
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(ordered) + 1.5))
     im = ax.imshow(grid, aspect="auto", cmap="magma_r")
     ax.set_xticks(range(10), [f"{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10)], rotation=45, fontsize=8)
-    ax.set_yticks(range(len(ordered)), [f"U[{r['t0']:g}, {r['t1']:g}]" for r in ordered], fontsize=8)
+    ax.set_yticks(range(len(ordered)), ordered, fontsize=8)
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
@@ -427,6 +504,8 @@ def plot_sweep(results, out_dir):
     ax.set(xlabel="test mask ratio t (bin)", ylabel="trained on", title="test loss per t-bin (nats/token)")
     fig.colorbar(im)
     save_figure(fig, os.path.join(out_dir, "loss_per_t_bin.png"))
+
+
 # ----------------------------------------------------------------------------- benchmark
 
 def benchmark(cfg, device, compile_model, steps=20, warmup=None, profile=False):
@@ -520,6 +599,10 @@ def parse_args(argv):
     shape.add_argument("--stratified-t", action=argparse.BooleanOptionalAction,
                        help="tile a micro-batch's t with one random offset (each t still uniform on [t0, t1]; "
                             "Def. 3.4 draws them independently)")
+    shape.add_argument("--t-dist", help="the distribution of t: uniform (on [t0, t1], the paper's) | beta | "
+                                        "logit-normal (around --t-mean with spread --t-std; t0, t1 unused)")
+    shape.add_argument("--t-mean", type=float, help="beta: the mean of t; logit-normal: its median")
+    shape.add_argument("--t-std", type=float, help="beta: the standard deviation of t; logit-normal: of logit t")
     optim = p.add_argument_group("optimisation (nanoGPT's GPT-2 recipe; the paper gives none)")
     optim.add_argument("--lr", type=float, help="AdamW peak learning rate")
     optim.add_argument("--min-lr", type=float, help="the cosine schedule's floor")
@@ -536,7 +619,10 @@ def parse_args(argv):
     runs = p.add_argument_group("the sweep, the window from theory, the benchmark")
     runs.add_argument("--sweep", action="store_true", help="Fig. 3/7: train every interval of --intervals")
     runs.add_argument("--intervals", default=None,
-                      help="--sweep: the intervals T0-T1[,T0-T1...] (default: the ten width-0.1 ones + 0-1)")
+                      help="--sweep: the intervals T0-T1[,T0-T1...] (default: the ten width-0.1 ones + 0-1); an item "
+                           "DIST:MEAN:STD trains with t ~ beta or logit-normal instead")
+    runs.add_argument("--seeds", type=int, nargs="+", default=None,
+                      help="--sweep: every interval for each of these seeds (default: --seed)")
     runs.add_argument("--jobs", type=int, default=1, help="--sweep on a CPU: runs in parallel, one thread each "
                                                           "(%(default)s; on GPUs: one run per GPU)")
     runs.add_argument("--interval", choices=["auto"], default=None,
@@ -561,12 +647,15 @@ def main(argv=None):
     if a.interval == "auto":
         cfg = replace(cfg, **dict(zip(("t0", "t1"), auto_interval(cfg, a.window))))
     if a.sweep:
+        for seed in a.seeds or []:
+            cli.check_seed(seed, "seeds")
         intervals = parse_intervals(a.intervals) if a.intervals else SWEEP
-        out_dir = a.out_dir or os.path.join("out", "wikitext", f"sweep_{a.preset}_s{cfg.seed}")
-        results = sweep_intervals(cfg, intervals, out_dir, device, a.jobs, a.compile, a.dist_timeout)
-        for r in results["runs"]:
-            print(f"U[{r['t0']:g}, {r['t1']:g}]  test loss {r['test_loss']:.4f}  "
-                  f"bins {' '.join(f'{b:.2f}' for b in r['test_loss_bins'])}")
+        out_dir = a.out_dir or os.path.join("out", "wikitext", f"sweep_{a.preset}")
+        results = sweep_intervals(cfg, intervals, out_dir, device, a.jobs, a.compile, a.dist_timeout, a.seeds)
+        for r in results["table"]:
+            gap = "" if r["mean_gap_to_U01"] is None else f", paired gap to U[0, 1] {r['mean_gap_to_U01']:+.4f}"
+            print(f"{r['window']:>16}: test loss {r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["std"] else "") +
+                  f" over seeds {r['seeds']}{gap}; left the plateau at {r['left_plateau_at']}")
         if a.plot:
             plot_sweep(results, out_dir)
         print(f"wrote {out_dir}/sweep.json, sweep.csv" + (", fig3_loss_vs_interval.png, fig7_loss_vs_step.png, "

@@ -110,8 +110,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 2
 
 
-def fake_run(out_dir, t0, t1, loss):
-    d = wikitext.run_dir(str(out_dir), t0, t1)
+def fake_run(out_dir, spec, loss, seed=0):
+    d = wikitext.run_dir(str(out_dir), wikitext.replace(wikitext.WikiConfig(), **spec, seed=seed))
     os.makedirs(d, exist_ok=True)
     json.dump(dict(test_loss=loss, train_loss_in_window=loss + 0.1, test_loss_bins=[loss] * 10,
                    test_loss_curve=[[100, loss + 1], [200, loss]], steps=200, seconds=1.0),
@@ -119,8 +119,8 @@ def fake_run(out_dir, t0, t1, loss):
 
 
 def test_sweep_skips_finished_runs_and_plots(tmp_path, monkeypatch):
-    for i, (t0, t1) in enumerate(wikitext.SWEEP):
-        fake_run(tmp_path, t0, t1, 5.0 + abs(i - 4.5) / 10)
+    for i, spec in enumerate(wikitext.SWEEP):
+        fake_run(tmp_path, spec, 5.0 + abs(i - 4.5) / 10)
     monkeypatch.setattr(wikitext, "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
     results = wikitext.sweep_intervals(wikitext.WikiConfig(), wikitext.SWEEP, str(tmp_path))
     assert len(results["runs"]) == 11 and results["runs"][4]["test_loss"] == pytest.approx(5.05)
@@ -131,20 +131,28 @@ def test_sweep_skips_finished_runs_and_plots(tmp_path, monkeypatch):
 
 
 def test_sweep_trains_only_missing_runs(tmp_path, monkeypatch):
-    fake_run(tmp_path, 0.0, 0.1, 6.0)
+    fake_run(tmp_path, dict(t0=0.0, t1=0.1), 6.0)
     trained = []
 
     def fake_train(cfg, out_dir, **k):
-        trained.append((cfg.t0, cfg.t1))
-        fake_run(tmp_path, cfg.t0, cfg.t1, 5.5)
+        trained.append((cfg.t0, cfg.t1, cfg.seed))
+        fake_run(tmp_path, dict(t0=cfg.t0, t1=cfg.t1), 5.5, cfg.seed)
         return dict(test_loss=5.5, train_loss_in_window=5.6, seconds=1.0), []
     monkeypatch.setattr(wikitext, "train", fake_train)
-    wikitext.sweep_intervals(wikitext.WikiConfig(), [(0.0, 0.1), (0.4, 0.5)], str(tmp_path))
-    assert trained == [(0.4, 0.5)]
+    windows = [dict(t0=0.0, t1=0.1), dict(t0=0.4, t1=0.5)]
+    wikitext.sweep_intervals(wikitext.WikiConfig(), windows, str(tmp_path))
+    assert trained == [(0.4, 0.5, 0)]
+    results = wikitext.sweep_intervals(wikitext.WikiConfig(), windows, str(tmp_path), seeds=[0, 1])    # a second seed
+    assert trained == [(0.4, 0.5, 0), (0.0, 0.1, 1), (0.4, 0.5, 1)]
+    assert [(r["window"], r["seeds"], r["mean"]) for r in results["table"]] == [("U0-0.1", [0, 1], 5.75),
+                                                                                 ("U0.4-0.5", [0, 1], 5.5)]
 
 
 def test_parse_intervals():
-    assert wikitext.parse_intervals("0-0.1,0.45-0.55") == [(0.0, 0.1), (0.45, 0.55)]
+    assert wikitext.parse_intervals("0-0.1,0.45-0.55") == [dict(t0=0.0, t1=0.1), dict(t0=0.45, t1=0.55)]
+    assert wikitext.parse_intervals("beta:0.34:0.03") == [dict(t_dist="beta", t_mean=0.34, t_std=0.03)]
+    with pytest.raises(ValueError, match="bell-shaped"):
+        wikitext.parse_intervals("beta:0.3:0.4")
     with pytest.raises(ValueError):
         wikitext.parse_intervals("0.6-0.4")
     with pytest.raises(ValueError):
