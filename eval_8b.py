@@ -179,7 +179,7 @@ class MaskedDiffusionLM(LM or object):
         """log p(token | context) for every token at once: a one-token answer's only mask is the
         position after the context whatever the answer is, so one forward scores every choice
         (MMLU's A/B/C/D: one forward a question instead of four). Cached per context."""
-        key = tuple(context_ids)
+        key = (tuple(context_ids), self.cfg)        # the guidance changes every number: part of the key
         if key not in self.cache:
             xt = torch.tensor(context_ids + [self.model.cfg.mask_id], device=self.device)[None]
             is_prompt = torch.zeros_like(xt, dtype=torch.bool)
@@ -344,9 +344,10 @@ def local_tasks(data_dir, folder):
         check_task_file(path)
         return os.path.abspath(path)
 
-    def write(name, config):
-        with open(os.path.join(folder, name + ".yaml"), "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
+    def write(name, config):          # rewritten only when it changed: a refused command writes nothing
+        path, text = os.path.join(folder, name + ".yaml"), yaml.safe_dump(config, sort_keys=False)
+        if not (os.path.exists(path) and open(path).read() == text):
+            files.write_text(path, text)
 
     local = lambda path, split="test": dict(dataset_path="json", dataset_name=None,
                                            dataset_kwargs=dict(data_files={split: path}))
@@ -473,21 +474,25 @@ def check_output_type(manager, name):
                                f"eval_8b.py does not compute")
 
 
+def task_names(tasks, a):
+    """{our task: lm-eval's name}: the Hub task's, or the local one's over --data-dir."""
+    local = local_task_names()
+    return {t: local[t] if a.data_dir else TASKS[t]["lm_eval"] for t in tasks}
+
+
 def task_manager(tasks, a, run):
-    """lm-eval's TaskManager and {our task: lm-eval's name}: the Hub tasks, or local ones over --data-dir
-    (their YAMLs written by rank 0 alone; the other ranks read them after the agreement)."""
+    """lm-eval's TaskManager: the Hub tasks, or local ones over --data-dir (their YAMLs written into
+    OUT_DIR/tasks by rank 0 alone; the other ranks read them after the agreement)."""
     from lm_eval.tasks import TaskManager
-    names = {t: TASKS[t]["lm_eval"] for t in tasks}
     if not a.data_dir:
-        return TaskManager(), names
+        return TaskManager()
     folder = run.path("tasks")
     with run.together():
         if run.master:
             makers, _ = local_tasks(a.data_dir, folder)
             for t in tasks:
                 makers[t]()
-    local = local_task_names()
-    return TaskManager(include_path=folder), {t: local[t] for t in tasks}
+    return TaskManager(include_path=folder)
 
 
 def load_task_data(manager, tasks, names, world, limit):
@@ -545,6 +550,11 @@ def score_task(lm, manager, t, name, settings):
                                              group_subtasks=out.get("group_subtasks")), default=str))
             result = make_result(t, name, raw, settings, round(time.time() - start, 1), lm.truncated)
     except Exception as e:             # on this rank (inside lm-eval, or after it): the others must hear of it
+        if isinstance(e, ValueError) and "larger than population" in str(e):       # random.sample's words
+            error = UserError(f"{t}: --num-fewshot {settings['num_fewshot']} is more examples than the task has "
+                              f"to draw few-shot examples from")
+            lm.fail(error)
+            raise error from None
         lm.fail(e)
         raise
     distributed.agree(None, group=lm.group)      # ... or this rank of theirs
@@ -604,9 +614,13 @@ def evaluate(lm, tasks, a, run):
     scored, whole (write, then rename), so hours of scoring survive a later failure; with --resume,
     tasks already scored with the same settings and checkpoint are not scored again. Returns
     ({task: result}, {task: raw}) on rank 0."""
-    manager, names = task_manager(tasks, a, run)
+    names = task_names(tasks, a)
+    manager = task_manager(tasks, a, run)
     with run.together():
         load_task_data(manager, tasks, names, lm.world_size, a.limit)
+    if a.resume:       # a task scored earlier with other settings or weights: refused before anything is scored
+        run.rank0(lambda: [earlier_result(run.out_dir, t, task_settings(t, a, names, run.inputs["checkpoint"]))
+                           for t in tasks])
     results, raws = {}, {}
     for t in tasks:
         settings = task_settings(t, a, names, run.inputs["checkpoint"])

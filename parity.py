@@ -117,7 +117,8 @@ PRESETS["transformer-md"] = dict(PRESETS["transformer"], tie_head=False, grad_cl
 
 # ----------------------------------------------------------------------------- the experiment
 
-def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=False, quiet=False, allow_change=()):
+def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_run=False, quiet=False,
+          allow_change=()):
     """One run: `cfg.objective` on (n, k) parity, evaluated every eval_every steps with MD's signal/noise
     split. Writes OUT_DIR/{ckpt.pt, history.json, summary.json}; returns (summary, history), those of the
     finished run already there when OUT_DIR holds this very run."""
@@ -144,7 +145,7 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
             opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), device.split(":")[0])
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
-        forward = torch.compile(model) if compile else model
+        net = torch.compile(model) if compile_model else model
         gen = torch.Generator(device).manual_seed(cfg.seed + MASK_SEED_OFFSET)      # batches and masks
         saved = run.restore(model=model, opt=opt, gen=gen)
         step, seconds = (saved["step"], saved["train_seconds"]) if saved else (0, 0.0)
@@ -159,17 +160,17 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
             x0 = draw_batch(train_tok, B, S, cfg, gen, device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.lr, warmup=cfg.warmup)
-            loss, parts = 0.0, []
+            loss, parts = 0.0, []                           # this step's loss (logged at evaluations), its pieces
             for xb in x0.split(cfg.micro_batch or B):      # gradient accumulation: same step, cache-sized pieces
                 if cfg.objective == "md":
                     t = masking.sample_t(len(xb), cfg.t0, cfg.t1, generator=gen, device=device)   # Def. 3.4
                     xt, masked = masking.mask_tokens(xb, t, MASK, generator=gen)
-                    out = predict(forward, cfg, xt)
+                    out = predict(net, cfg, xt)
                     rows = md_rows(out, cfg, xb, masked & in_secret if cfg.secret_only else masked, t)
                     parts.append((rows.detach(), out.detach(), masked))
                     piece = rows.sum() / B
                 else:                                       # label-only: x visible, y masked and supervised
-                    piece = label_loss(predict(forward, cfg, mask_label(xb)), cfg, xb[:, -1]) * len(xb) / B
+                    piece = label_loss(predict(net, cfg, mask_label(xb)), cfg, xb[:, -1]) * len(xb) / B
                 piece.backward()
                 loss += piece.item()
             norms.append(clip_gradients(model.parameters(), cfg.grad_clip).item())
@@ -188,7 +189,7 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile=False, dry_run=Fa
                 if cfg.model == "transformer":
                     rec["bits_cos"] = bit_embedding_cos(model, cfg)
                 norms = []
-                run.log(f"{log_line(rec, P_S, cfg)} | {run.eta(step, max_steps)}", **rec)
+                run.log(f"{log_line(rec, P_S, cfg)} | {run.eta(step, max_steps)}", **rec)   # kept in run.history
                 run.save(step, model=model, opt=opt, gen=gen, train_seconds=seconds)
                 if min(rec["train_acc"], rec["val_acc"]) >= cfg.stop_acc:
                     break
@@ -522,10 +523,10 @@ def plot_compare(rows, histories, out_dir):
 
 # ----------------------------------------------------------------------------- --compare (Fig. 2, 6) and --ladder
 
-def train_quietly(cfg, run_dir, device):
+def train_quietly(cfg, run_dir, allow_change, device):
     """One run of a collection (a job of sweep.run_jobs): a finished one is reused, an interrupted one
-    continues."""
-    return train(cfg, run_dir, device=device, resume=True, quiet=True)
+    continues (one whose --allow-change settings differ is extended)."""
+    return train(cfg, run_dir, device=device, resume=True, quiet=True, allow_change=allow_change)
 
 
 def print_verdict(result):
@@ -537,8 +538,9 @@ def read_run(run_dir, name):
         return json.load(f)
 
 
-def compare(base, intervals, seeds, out_dir, device, jobs, label_steps):
-    """Fig. 2 / 6: label and md U[0, t1] for each t1, for each seed; finished runs are reused."""
+def compare(base, intervals, seeds, out_dir, device, jobs, label_steps, allow_change=()):
+    """Fig. 2 / 6: label and md U[0, t1] for each t1, for each seed; finished runs are reused, and the
+    table also holds the runs an earlier --compare with other intervals or seeds left in the folder."""
     settings = dict(settings=asdict(base), intervals=intervals, seeds=seeds)
     with sweep.Collection(out_dir, "parity.py --compare", settings) as folder:
         planned = []
@@ -546,10 +548,15 @@ def compare(base, intervals, seeds, out_dir, device, jobs, label_steps):
             for objective, t1 in [("label", base.t1)] + [("md", t1) for t1 in intervals]:
                 cfg = replace(base, objective=objective, t0=0.0, t1=t1, seed=seed,
                               max_steps=label_steps if objective == "label" and label_steps else base.max_steps)
-                planned.append((cfg, folder.path(f"{run_name(objective, t1)}_seed{seed}")))
-        folder.run(train_quietly, planned, device, jobs, ignore=("threads",), on_result=print_verdict)
+                planned.append((cfg, folder.path(f"{run_name(objective, t1)}_seed{seed}"), allow_change))
+        folder.run(train_quietly, planned, device, jobs, ignore=("threads",), allow_change=allow_change,
+                   on_result=print_verdict)
+        steps = dict(md=base.max_steps, label=label_steps or base.max_steps)
+        earlier = [(ParityConfig(**s["settings"]), d) for d, s in folder.finished(asdict(base), ("objective", "t0", "t1",
+                   "seed", "max_steps"), ("threads",)) if s["settings"]["max_steps"] == steps[s["settings"]["objective"]]]
+        planned = [(c, d) for c, d, _ in planned]
         rows, histories = [], {}
-        for cfg, run_dir in planned:
+        for cfg, run_dir in planned + [(c, d) for c, d in earlier if d not in {d for _, d in planned}]:
             s = read_run(run_dir, "summary.json")
             histories[(run_name(cfg.objective, cfg.t1), cfg.seed)] = read_run(run_dir, "history.json")
             rows.append(dict(run=run_name(cfg.objective, cfg.t1), seed=cfg.seed,
@@ -616,18 +623,19 @@ def fit_growth(points):
     return my - b * mx, b
 
 
-def ladder(base, tasks, seeds, out_dir, device, jobs):
+def ladder(base, tasks, seeds, out_dir, device, jobs, allow_change=()):
     """Steps to 95% validation for label-only and MD over a ladder of small (n, k) tasks, several
     seeds each, the same model and optimiser; the growth fitted and extrapolated to (20, 6)."""
     with sweep.Collection(out_dir, "parity.py --ladder", dict(settings=asdict(base), tasks=tasks, seeds=seeds)) \
             as folder:
-        planned = [(ladder_config(base, n, k, objective, seed), folder.path(f"lad_{objective}_n{n}k{k}_s{seed}"))
-                   for n, k in tasks for seed in seeds for objective in ("label", "md")]
-        for cfg, _ in planned:
+        planned = [(ladder_config(base, n, k, objective, seed), folder.path(f"lad_{objective}_n{n}k{k}_s{seed}"),
+                    allow_change) for n, k in tasks for seed in seeds for objective in ("label", "md")]
+        for cfg, _, _ in planned:
             check_config(cfg)
-        folder.run(train_quietly, planned, device, jobs, ignore=("threads",), on_result=print_verdict)
+        folder.run(train_quietly, planned, device, jobs, ignore=("threads",), allow_change=allow_change,
+                   on_result=print_verdict)
         rows = []
-        for cfg, run_dir in planned:
+        for cfg, run_dir, _ in planned:
             s = read_run(run_dir, "summary.json")
             rows.append(dict(objective=cfg.objective, n=cfg.n, k=cfg.k, seed=cfg.seed, t1=cfg.t1, cap=cfg.max_steps,
                              steps_to_95=s["steps_to_95"], best_val_acc=s["best_val_acc"]))
@@ -733,13 +741,17 @@ def check_collection_args(a):
 
 def main(argv=None):
     a, cfg = parse_args(argv)
+    many = a.compare or bool(a.ladder)
+    cli.check_used(a, intervals=(a.compare, "with --compare"), label_steps=(a.compare, "with --compare"),
+                   seeds=(many, "with --compare or --ladder"), jobs=(many, "with --compare or --ladder"),
+                   allow_change=(a.resume or many, "with --resume (and to --compare / --ladder, to extend their runs)"))
     check_config(cfg)
     device = cli.pick_device(a.device)
-    if a.ladder or a.compare:
+    if many:
         check_collection_args(a)
     if a.ladder:
         out_dir = a.out_dir or "out/parity/ladder"
-        s = ladder(cfg, parse_tasks(a.ladder), a.seeds, out_dir, device, a.jobs)
+        s = ladder(cfg, parse_tasks(a.ladder), a.seeds, out_dir, device, a.jobs, a.allow_change)
         for r in s["table"]:
             mean = f"{r['mean_steps']:,.0f}" if r["mean_steps"] else f"> {r['lower_bound']:,} (none escaped)"
             print(f"{r['objective']:>5} ({r['n']:2d}, {r['k']}): reached 95% in {r['reached']}/{r['seeds']} seeds "
@@ -754,7 +766,7 @@ def main(argv=None):
         if a.max_steps is None:      # the defaults then fit in 15 minutes of a 2-core CPU (README "Parity")
             cfg = replace(cfg, max_steps=COMPARE_STEPS)
         out_dir = a.out_dir or "out/parity/compare"
-        summary, histories = compare(cfg, a.intervals, a.seeds, out_dir, device, a.jobs, a.label_steps)
+        summary, histories = compare(cfg, a.intervals, a.seeds, out_dir, device, a.jobs, a.label_steps, a.allow_change)
         for r in summary["table"]:
             p_s = "  —  " if r["P_S"] is None else f"{r['P_S']:.3f}"
             secs = "—" if r["seconds_median"] is None else \
@@ -769,7 +781,7 @@ def main(argv=None):
                                                              "steps_to_95.png" if a.plot else ""))
         return
     out_dir = a.out_dir or default_out_dir(cfg)
-    summary, history = train(cfg, out_dir, device=device, resume=a.resume, compile=a.compile, dry_run=a.dry_run,
+    summary, history = train(cfg, out_dir, device=device, resume=a.resume, compile_model=a.compile, dry_run=a.dry_run,
                              allow_change=a.allow_change)
     print(verdict(summary))
     if summary.get("done"):

@@ -86,7 +86,6 @@ PRESETS = {
 
 SCRIPT = "pretrain_8b.py"
 LENGTH_SEED_OFFSET = 500_000    # step s's length is drawn from seed * stride + offset + s: no slot's mask generator
-BOOKKEEPING = ("log_every", "save_every", "keep", "export_dtype", "ac", "gpu_gib", "last_save_model_only")
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -94,38 +93,38 @@ BOOKKEEPING = ("log_every", "save_every", "keep", "export_dtype", "ac", "gpu_gib
 def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, export_dir=None, plot=False,
           allow_change=(), timeout_s=600.0):
     """One pre-training run under torchrun (or as a world of one). Writes OUT_DIR/{run.json, step_*/,
-    log.jsonl, summary.json, export/}; returns the summary (on rank 0; the finished one, marked done,
-    when OUT_DIR holds this very run)."""
-    export_dir = export_dir or os.path.join(out_dir, "export")
+    log.jsonl, summary.json, export/}; returns the summary (the finished one, marked done, when OUT_DIR
+    holds this very run)."""
     fsdp.check_run_settings(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    with Run(SCRIPT, cfg, out_dir, resume=resume, allow_change=allow_change, bookkeeping=BOOKKEEPING,
+    with Run(SCRIPT, cfg, out_dir, resume=resume, allow_change=allow_change, bookkeeping=fsdp.BOOKKEEPING,
              inputs=lambda: {"data": dclm.fingerprint(cfg)}, checkpoints=fsdp.ShardedCheckpoints(cfg.keep),
              torchrun=True, device=device, timeout_s=timeout_s, log_file=True, report=("test_loss", "steps")) as run:
         if run.done:
             return run.finished()[0]
-        fsdp.check_export_path(export_dir, out_dir)
-        world, device = run.world, run.device
+        export_dir = fsdp.export_path(export_dir, out_dir, cfg.max_steps)
+        device = run.device
 
         with run.together():
             tok = llada.load_tokenizer(cfg.tokenizer)
-            ids = llada.token_ids(tok, model_lib.get_config(cfg.model))
-            model_cfg = llada.model_config(cfg.model, ids, block_size=cfg.block_size)
+            tok_ids = llada.token_ids(tok, model_lib.get_config(cfg.model))
+            model_cfg = llada.model_config(cfg.model, tok_ids, block_size=cfg.block_size)
         # data: DCLM's files in an order shuffled by --seed, the first eval_docs documents held out,
         # the rest dealt to data slots (one per micro-batch of the global batch)
-        eval_seqs, data = dclm.open_data(cfg, tok, ids["eos"], run)
+        eval_seqs, data = dclm.open_data(cfg, tok, tok_ids["eos"], run)
 
         # model: LLaDA-8B on `meta`, FSDP2 units over the ranks, activation checkpointing by the plan
         model, opt = fsdp.build(model_cfg, cfg, device, compile_model,
-                                plan.choose_ac(cfg, world.size, device, model_cfg, world))
+                                plan.choose_ac(cfg, run.world, device, model_cfg))
         saved = run.restore(model=model, opt=opt, data=data)
         n_slots = cfg.batch_size // cfg.micro_batch
         run.log(f"{describe(cfg)}: {model.num_params():,} parameters ({cfg.model}), batch {cfg.batch_size} x "
-                f"{cfg.block_size} ({n_slots // world.size} x {cfg.micro_batch} x {world.size} GPUs), {cfg.max_steps} "
+                f"{cfg.block_size} ({n_slots // run.world.size} x {cfg.micro_batch} x {run.world.size} GPUs), {cfg.max_steps} "
                 f"steps on {device}; data {data.where} ({data.files:,} files, in an order shuffled by --seed); "
                 f"{len(eval_seqs)} held-out sequences")
 
         ce = masking.compiled_token_ce() if compile_model else masking.token_ce
-        meter = fsdp.Meter(run, cfg, tokens=saved["tokens"] if saved else 0)
+        meter = fsdp.Meter(run, cfg, model, tokens=saved["tokens"] if saved else 0)
+        # after restore: the slots continue from the checkpoint's positions, one step drawn ahead on a thread
         data.start(run.step, cfg.max_steps, length=lambda step: sequence_length(step, cfg))
         for step in range(run.step, cfg.max_steps):
             # ----------------------------------------------------------------------------- the step
@@ -143,30 +142,30 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, expo
                     meter.add(loss, masked, len(micro))
             norm = clip_gradients(model.parameters(), cfg.grad_clip)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            meter.skip_if_not_finite(opt, norm, length)        # the fused AdamW skips a non-finite step on the device
+            meter.end_step(opt, norm, length)  # a non-finite norm: the fused AdamW skips the step on the device
             opt.step()
             opt.zero_grad(set_to_none=True)
             # -----------------------------------------------------------------------------
-            done = step + 1
-            if not meter.due(done):
-                continue                       # no host sync between check steps
-            loss, frac = meter.check(done)     # every rank meets: a non-finite step stops the run here
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
-                line, record = meter.record(done, lr, norm, loss, frac, model)
-                run.log(line, **record)
-            if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            steps_done = step + 1
+            if not meter.due(steps_done):      # a log, eval or save step, or the last: else no host sync
+                continue
+            loss, frac = meter.check(steps_done)   # every rank meets: a non-finite step stops the run here
+            if steps_done % cfg.log_every == 0 or steps_done == cfg.max_steps:
+                line, record = meter.record(steps_done, lr, norm, loss, frac)
+                run.log(line, **record)       # printed by rank 0, kept in the history and log.jsonl
+            if steps_done % cfg.eval_every == 0 or steps_done == cfg.max_steps:
                 nll = fsdp.heldout_nll(model, eval_seqs, cfg, device)
-                run.log(f"step {done:6d} | held-out NLL {nll:.4f} (full-range bound, nats/token)", step=done,
-                        test_loss=nll)
-            if done % cfg.save_every == 0 or done == cfg.max_steps:
-                run.save(done, model=model, opt=opt, data=data, tokens=meter.tokens,
-                         model_only=done == cfg.max_steps and cfg.last_save_model_only)
+                run.log(f"step {steps_done:6d} | held-out NLL {nll:.4f} (full-range bound, nats/token)",
+                        step=steps_done, test_loss=nll)
+            if steps_done % cfg.save_every == 0 or steps_done == cfg.max_steps:
+                run.save(steps_done, model=model, opt=opt, data=data, tokens=meter.tokens,
+                         model_only=steps_done == cfg.max_steps and cfg.last_save_model_only)
 
         skipped = data.skipped()
         if skipped:
             run.log(f"skipped rows of {data.where}: {dclm.describe_skipped(skipped)}", skipped=skipped)
         run.complete_checkpoints()             # the last checkpoint whole on disk before the export
-        fsdp.export(model, export_dir, tok, ids, cfg.export_dtype)
+        fsdp.export(model, export_dir, tok, tok_ids, cfg.export_dtype)
         summary = run.finish(dict(fsdp.run_summary(run, model, meter), export=export_dir, skipped_rows=skipped))
     if plot and run.master:
         plot_runs([out_dir], os.path.join(out_dir, "heldout_nll.png"))
@@ -200,12 +199,7 @@ def plot_runs(run_dirs, path):
 
 def parse_args(argv):
     """(flags, settings): the preset's settings, then every flag given."""
-    p = cli.parser(__doc__.split("\n\n")[0] + " See README 'Pre-training'.", presets=PRESETS, preset="llada-8b",
-                   t0=0.0, t1=1.0, torchrun=True,
-                   resume_help="continue from the newest complete checkpoint in OUT_DIR (none yet: a fresh run; a "
-                               "launcher may always pass it)",
-                   dry_run_help="print the plan (parameters, FLOPs, memory per GPU by arithmetic and by a trace of "
-                                "one step on fake tensors, time) and exit")
+    p = fsdp.parser(__doc__.split("\n\n")[0] + " See README 'Pre-training'.", PRESETS, "llada-8b", 0.0, 1.0)
     data = p.add_argument_group("data and model")
     data.add_argument("--model", help="a model.py preset")
     data.add_argument("--dataset", help="Hub dataset, streamed (--data reads local files instead)")
@@ -217,13 +211,16 @@ def parse_args(argv):
                                                                "in [1, block]")
     data.add_argument("--eval-docs", type=int, help="the first documents of the stream, held out from training")
     data.add_argument("--eval-seqs", type=int, help="held-out sequences scored")
-    fsdp.add_run_flags(p)
     plan.add_flags(p, benchmark=True)
     return cli.parse(p, argv, PretrainConfig, PRESETS)
 
 
 def main(argv=None):
     a, cfg = parse_args(argv)
+    plan_only = (a.dry_run, "with --dry-run")
+    bench_only = (a.benchmark, "with --benchmark")
+    cli.check_used(a, world_size=plan_only, plan_mfu=plan_only, trace=plan_only, bench_layers=bench_only,
+                   bench_steps=bench_only, bench_trace=bench_only, allow_change=(a.resume, "with --resume"))
     if a.plot_runs:
         path = os.path.join(a.out_dir or "out/fig4", "fig4_heldout_nll.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -14,8 +14,9 @@ to stop; the loss is normalised per row by its answer length (LLaDA's Eq. 5 and 
 recipe; the paper does not say).
 
 Reading order: Table 4's settings and the interval presets, then train(): the rows in LLaDA's chat
-format, the --init model under FSDP2, the loop with its step, the held-out answer NLL, checkpoints,
-the export and the summary; then the chat format, the rows, the model and the command line.
+format (machinery/llada.py), the --init model under FSDP2, the loop with its step, the held-out
+answer NLL, checkpoints, the export and the summary; then the rows and their data slots, the output
+folder and the figure, and the command line.
 """
 import os
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 import masking
 from machinery import cli, distributed, fsdp, llada, plan
 from machinery.cli import UserError
+from machinery.files import check_utf8
 from machinery.optim import clip_gradients, lr_at
 from machinery.run import Run
 
@@ -77,9 +79,8 @@ PRESETS["tiny"] = dict(init="", model="tiny", block_size=64, batch_size=8, micro
 
 
 SCRIPT = "sft_8b.py"
-BOOKKEEPING = ("log_every", "save_every", "keep", "export_dtype", "ac", "gpu_gib", "last_save_model_only")
 EPOCH_SEED_STRIDE = 7919        # epoch e of a run seeded s orders its rows by generator s * stride + e
-SLOT_SEED_STRIDE = 1_000_003    # slot i of a run seeded s draws its masks from generator s * stride + i
+SLOT_SEED_STRIDE = 1_000_003    # slot i of a run seeded s draws its masks from generator s * stride + i (as dclm's)
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -88,34 +89,33 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, expo
           allow_change=(), timeout_s=600.0):
     """One SFT run under torchrun (or as a world of one); returns the summary (the finished one, marked
     done, when OUT_DIR holds this very run)."""
-    export_dir = export_dir or os.path.join(out_dir, "export")
     fsdp.check_run_settings(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     inputs = {"data": cfg.data or cfg.dataset, "init": cfg.init or "scratch"}
-    with Run(SCRIPT, cfg, out_dir, resume=resume, allow_change=allow_change, bookkeeping=BOOKKEEPING, inputs=inputs,
+    with Run(SCRIPT, cfg, out_dir, resume=resume, allow_change=allow_change, bookkeeping=fsdp.BOOKKEEPING, inputs=inputs,
              checkpoints=fsdp.ShardedCheckpoints(cfg.keep), torchrun=True, device=device, timeout_s=timeout_s,
              log_file=True, report=("test_loss", "steps")) as run:
         if run.done:
             return run.finished()[0]
-        fsdp.check_export_path(export_dir, out_dir)
-        world, device = run.world, run.device
+        export_dir = fsdp.export_path(export_dir, out_dir, cfg.max_steps)
+        device = run.device
         with run.together():
             # the chat format (LLaDA's template) and the model to fine-tune: --init's, or a preset from scratch
-            tok, ids = llada.chat_tokenizer(cfg.tokenizer, cfg.init)
-            model_cfg = llada.init_config(cfg.init, cfg.model, ids, cfg.block_size)
+            tok, tok_ids = llada.chat_tokenizer(cfg.tokenizer, cfg.init)
+            model_cfg = llada.init_config(cfg.init, cfg.model, tok_ids, cfg.block_size)
             # data: each usable row as prompt + answer + EOS padding with its answer mask; the first eval_rows held out
-            all_ids, all_masks, skipped = encode_rows(load_rows(cfg), tok, ids["eos"], cfg.block_size)
+            all_ids, all_masks, skipped = encode_rows(load_rows(cfg), tok, tok_ids["eos"], cfg.block_size)
             if len(all_ids) <= cfg.eval_rows:
                 raise UserError(f"{cfg.data or cfg.dataset}: {len(all_ids)} usable rows, not more than the "
-                                f"{cfg.eval_rows} held out (--eval-rows); skipped: {describe_skipped(skipped) or 'none'}")
+                                f"{cfg.eval_rows} held out (--eval-rows); skipped: {describe_bad_rows(skipped) or 'none'}")
             eval_ids, eval_masks, train_ids, train_masks, duplicates = split_held_out(all_ids, all_masks, cfg.eval_rows)
             if len(train_ids) == 0:
                 raise UserError(f"{cfg.data or cfg.dataset}: every training row repeats a held-out row")
-            data = Slots(train_ids, train_masks, cfg, world)
+            data = Slots(train_ids, train_masks, cfg, run.world)
 
         # model: --init's weights (LLaDA-8B-Base) into FSDP2 shards, activation checkpointing by the plan
         model, opt = fsdp.build(model_cfg, cfg, device, compile_model,
-                                plan.choose_ac(cfg, world.size, device, model_cfg, world))
-        if cfg.init:
+                                plan.choose_ac(cfg, run.world, device, model_cfg))
+        if cfg.init and run.latest is None:    # resuming, the checkpoint's weights replace --init's
             with run.together(), cli.user_input():          # weights that do not fit: one line naming the file
                 fsdp.load_sharded(model, cfg.init)
         saved = run.restore(model=model, opt=opt, data=data)
@@ -123,21 +123,22 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, expo
         run.log(f"SFT {describe(cfg)} from {cfg.init or 'scratch (' + cfg.model + ')'}: {model.num_params():,} "
                 f"parameters, {len(train_ids):,} training rows ({len(eval_ids)} held out" + (
                     f", {duplicates} training rows repeating them dropped" if duplicates else "") +
-                f"), batch {cfg.batch_size} x {cfg.block_size} ({n_slots // world.size} x {cfg.micro_batch} x "
-                f"{world.size} GPUs), {cfg.max_steps} steps on {device}")
+                f"), batch {cfg.batch_size} x {cfg.block_size} ({n_slots // run.world.size} x {cfg.micro_batch} x "
+                f"{run.world.size} GPUs), {cfg.max_steps} steps on {device}")
         if skipped:
-            run.log(f"skipped {sum(c for _, c in skipped.values())} malformed rows: {describe_skipped(skipped)}",
+            run.log(f"skipped {sum(c for _, c in skipped.values())} malformed rows: {describe_bad_rows(skipped)}",
                     skipped={k: c for k, (_, c) in skipped.items()})
 
         ce = masking.compiled_token_ce() if compile_model else masking.token_ce
-        meter = fsdp.Meter(run, cfg, tokens=saved["tokens"] if saved else 0)
+        meter = fsdp.Meter(run, cfg, model, tokens=saved["tokens"] if saved else 0)
+        data.start(run.step)                   # the rows of a step follow from the step: resumed exactly
         for step in range(run.step, cfg.max_steps):
             # ----------------------------------------------------------------------------- the step
             lr = lr_at(step, cfg.lr, warmup=cfg.warmup, max_steps=cfg.max_steps, schedule=cfg.schedule,
                        min_lr=cfg.min_lr, decay_frac=cfg.decay_frac)
             for group in opt.param_groups:
                 group["lr"] = lr
-            micro = data.batch(step)           # this rank's micro-batches (rows, answer masks), one per data slot
+            micro = data.next()                # this rank's micro-batches: (rows, answer masks, their masks' generator)
             for x0, answer, gen in micro:      # t ~ U[t0, t1] masks answer positions only; 1/t CE per answer length
                 loss, masked = masking.md_step_loss(model, x0.to(device, non_blocking=True), model.cfg.mask_id, cfg.t0,
                                                     cfg.t1, generator=gen, maskable=answer.to(device, non_blocking=True),
@@ -146,27 +147,27 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, expo
                 meter.add(loss, masked, len(micro))
             norm = clip_gradients(model.parameters(), cfg.grad_clip)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            meter.skip_if_not_finite(opt, norm, cfg.block_size)    # the fused AdamW skips a non-finite step
+            meter.end_step(opt, norm, cfg.block_size)  # a non-finite norm: the fused AdamW skips the step
             opt.step()
             opt.zero_grad(set_to_none=True)
             # -----------------------------------------------------------------------------
-            done = step + 1
-            if not meter.due(done):
-                continue                       # no host sync between check steps
-            loss, frac = meter.check(done)     # every rank meets: a non-finite step stops the run here
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
-                line, record = meter.record(done, lr, norm, loss, frac, model)
-                run.log(line, **record)
-            if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            steps_done = step + 1
+            if not meter.due(steps_done):      # a log, eval or save step, or the last: else no host sync
+                continue
+            loss, frac = meter.check(steps_done)   # every rank meets: a non-finite step stops the run here
+            if steps_done % cfg.log_every == 0 or steps_done == cfg.max_steps:
+                line, record = meter.record(steps_done, lr, norm, loss, frac)
+                run.log(line, **record)       # printed by rank 0, kept in the history and log.jsonl
+            if steps_done % cfg.eval_every == 0 or steps_done == cfg.max_steps:
                 nll = fsdp.heldout_nll(model, eval_ids, cfg, device, maskable=eval_masks)
-                run.log(f"step {done:6d} | held-out answer NLL {nll:.4f} (full-range bound, nats/token)", step=done,
-                        test_loss=nll)
-            if done % cfg.save_every == 0 or done == cfg.max_steps:
-                run.save(done, model=model, opt=opt, data=data, tokens=meter.tokens,
-                         model_only=done == cfg.max_steps and cfg.last_save_model_only)
+                run.log(f"step {steps_done:6d} | held-out answer NLL {nll:.4f} (full-range bound, nats/token)",
+                        step=steps_done, test_loss=nll)
+            if steps_done % cfg.save_every == 0 or steps_done == cfg.max_steps:
+                run.save(steps_done, model=model, opt=opt, data=data, tokens=meter.tokens,
+                         model_only=steps_done == cfg.max_steps and cfg.last_save_model_only)
 
         run.complete_checkpoints()             # the last checkpoint whole on disk before the export
-        fsdp.export(model, export_dir, tok, ids, cfg.export_dtype)
+        fsdp.export(model, export_dir, tok, tok_ids, cfg.export_dtype)
         summary = run.finish(dict(fsdp.run_summary(run, model, meter), export=export_dir,
                                   skipped_rows={k: c for k, (_, c) in skipped.items()},
                                   held_out_duplicates_dropped=duplicates))
@@ -231,6 +232,7 @@ def load_rows(cfg):
     if cfg.data:
         if not os.path.exists(cfg.data):
             raise UserError(f"--data {cfg.data} does not exist")
+        check_utf8(cfg.data, "--data")
         try:
             return datasets.load_dataset("json", data_files=[cfg.data], split="train")
         except Exception as e:
@@ -278,9 +280,13 @@ class Slots:
         self.world, self.n_slots = world, n_slots
         self.rows = {i: Rows(ids, masks, i, cfg, world.device) for i in range(world.rank, n_slots, world.size)}
 
-    def batch(self, step):
-        """[(rows, answer masks, the generator of their masks)] of this rank's slots at `step`."""
-        return [(*r.batch(step), r.gen) for _, r in sorted(self.rows.items())]
+    def start(self, first):
+        self.step = first
+
+    def next(self):
+        """[(rows, answer masks, the generator of their masks)] of this rank's slots at the next step."""
+        self.step += 1
+        return [(*r.batch(self.step - 1), r.gen) for _, r in sorted(self.rows.items())]
 
     def state_dict(self):
         mine = {i: {"gen": r.gen.get_state()} for i, r in self.rows.items()}
@@ -294,10 +300,12 @@ class Slots:
             r.load_state_dict(states[i])
 
 
-def describe_skipped(skipped):
+def describe_bad_rows(skipped):
     return "; ".join(f"{count} with {why} (first: row {first})" for why, (first, count) in skipped.items())
 
 
+
+# ----------------------------------------------------------------------------- output folder and figure
 
 def default_out_dir(cfg, preset):
     """out/sft/<preset>_U<t0>-<t1>_s<seed>: each interval of Tables 2-3 in a folder of its own."""
@@ -316,12 +324,7 @@ def plot_runs(run_dirs, path):
 
 def parse_args(argv):
     """(flags, settings): the preset's settings, then every flag given."""
-    p = cli.parser(__doc__.split("\n\n")[0] + " See README 'Fine-tuning'.", presets=PRESETS, preset="t0-1",
-                   t0=None, t1=None, torchrun=True,
-                   resume_help="continue from the newest complete checkpoint in OUT_DIR (none yet: a fresh run; a "
-                               "launcher may always pass it)",
-                   dry_run_help="print the plan (parameters, FLOPs, memory per GPU by arithmetic and by a trace of "
-                                "one step on fake tensors, time) and exit")
+    p = fsdp.parser(__doc__.split("\n\n")[0] + " See README 'Fine-tuning'.", PRESETS, "t0-1", None, None)
     data = p.add_argument_group("model and data")
     data.add_argument("--init", help="Hub id or LLaDA-format folder (a pretrain_8b.py export too); '' = from scratch")
     data.add_argument("--model", help="model.py preset when --init is ''")
@@ -330,13 +333,15 @@ def parse_args(argv):
     data.add_argument("--tokenizer", help="tokenizer.json or a folder holding one (default: --init's; bytes from "
                                           "scratch)")
     data.add_argument("--eval-rows", type=int, help="the first usable rows, held out: their answers' full-range bound")
-    fsdp.add_run_flags(p)
     plan.add_flags(p)
     return cli.parse(p, argv, SFTConfig, PRESETS)
 
 
 def main(argv=None):
     a, cfg = parse_args(argv)
+    plan_only = (a.dry_run, "with --dry-run")
+    cli.check_used(a, world_size=plan_only, plan_mfu=plan_only, trace=plan_only,
+                   allow_change=(a.resume, "with --resume"))
     if a.plot_runs:
         path = os.path.join(a.out_dir or "out/sft_runs", "heldout_nll_runs.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -25,6 +25,7 @@ from machinery.files import save_figure
 from machinery.run import Run, done_line
 
 SCRIPT = "theory.py"
+MAX_DRAWS = 10_000_000
 PAPER_WIKITEXT_WEIGHTS = {2: 0.7427, 3: 0.2063, 4: 0.0401, 5: 0.0084, 6: 0.0024}   # App. F.4
 
 
@@ -475,10 +476,12 @@ def main(argv=None):
         check_interval(a.t0, a.t1)
         check_delta(a.delta)
     cli.check_positive(draws=a.draws)
+    if a.draws > MAX_DRAWS:        # the Monte Carlo holds draws x (n + 1) masks in memory
+        raise cli.UserError(f"--draws {a.draws:,} is more than this script holds in memory; at most {MAX_DRAWS:,}")
     cli.check_seed(a.seed)
     out_dir = a.out_dir or default_out_dir(a)
-    settings = {k: v for k, v in vars(a).items() if k not in ("out_dir", "plot")}
-    with Run(SCRIPT, settings, out_dir, inputs={"corpus": a.corpus} if a.corpus else None) as run:
+    settings = {k: v for k, v in vars(a).items() if k not in ("out_dir", "plot", "given")}
+    with Run(SCRIPT, settings, out_dir, inputs={"corpus": a.corpus} if a.corpus else None, resumable=False) as run:
         if run.done:
             print(done_line(out_dir))
             return

@@ -114,8 +114,7 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
     (summary, history) on every rank, those of the finished run when OUT_DIR holds this very run."""
     model_cfg = model_config(cfg)
     check_config(cfg, model_cfg)
-    inputs = {"train": split_source(cfg, cfg.train_split), "test": split_source(cfg, cfg.eval_split)}
-    with Run(SCRIPT, cfg, out_dir, resume=resume, allow_change=allow_change, bookkeeping=BOOKKEEPING, inputs=inputs,
+    with Run(SCRIPT, cfg, out_dir, resume=resume, allow_change=allow_change, bookkeeping=BOOKKEEPING, inputs=inputs(cfg),
              torchrun=True, device=device, timeout_s=timeout_s, dry_run=dry_run, quiet=quiet,
              report=("test_loss", "steps")) as run:
         if run.done:
@@ -354,6 +353,7 @@ def auto_interval(cfg, width):
 # ----------------------------------------------------------------------------- the sweep (Fig. 3, 7)
 
 SWEEP_KIND = "wikitext.py --sweep"
+SWEPT = ("t0", "t1", "t_dist", "t_mean", "t_std", "seed")      # what differs between the runs of a sweep
 SWEEP = [dict(t0=round(i / 10, 1), t1=round((i + 1) / 10, 1)) for i in range(10)] + [dict(t0=0.0, t1=1.0)]
 
 
@@ -382,10 +382,17 @@ def run_dir(out_dir, cfg):
     return os.path.join(out_dir, f"run_{window_name(cfg)}_s{cfg.seed}")
 
 
-def train_one(cfg, out_dir, compile_model, timeout_s, device):
-    """One run of the sweep (a job of sweep.run_jobs): finished runs are reused, interrupted ones resumed."""
-    summary, _ = train(cfg, out_dir, device=device, resume=True, compile_model=compile_model, timeout_s=timeout_s)
+def train_one(cfg, out_dir, compile_model, timeout_s, allow_change, device):
+    """One run of the sweep (a job of sweep.run_jobs): finished runs are reused, interrupted ones resumed,
+    ones whose --allow-change settings differ extended."""
+    summary, _ = train(cfg, out_dir, device=device, resume=True, compile_model=compile_model, timeout_s=timeout_s,
+                       allow_change=allow_change)
     return cfg, summary
+
+
+def inputs(cfg):
+    """What a run reads, as Run fingerprints it: the training and test splits."""
+    return {"train": split_source(cfg, cfg.train_split), "test": split_source(cfg, cfg.eval_split)}
 
 
 def print_result(result):
@@ -395,11 +402,13 @@ def print_result(result):
           f"{s['train_loss_in_window']:.4f}; {left}) in {s['seconds']:.0f}s", flush=True)
 
 
-def sweep_intervals(cfg, intervals, out_dir, device="cpu", jobs=1, compile_model=False, timeout_s=600.0, seeds=None):
+def sweep_intervals(cfg, intervals, out_dir, device="cpu", jobs=1, compile_model=False, timeout_s=600.0, seeds=None,
+                    allow_change=()):
     """Train every interval (or distribution of t) for every seed, `jobs` CPU processes (or every GPU) at a
-    time (finished runs with these settings are reused, interrupted ones resumed, a finished run with other
-    settings refused) and collect the results. The runs of one seed share their data order, and every run
-    its test draws: they compare paired."""
+    time (finished runs with these settings and data are reused, interrupted ones resumed, a finished run
+    with other settings refused, or extended when --allow-change names them) and collect the results,
+    with the runs an earlier sweep of these settings left in the folder. The runs of one seed share their
+    data order, and every run its test draws: they compare paired."""
     seeds = list(seeds or [cfg.seed])
     specs = [tuple(sorted(spec.items())) for spec in intervals]
     if len(set(specs)) < len(specs):
@@ -408,9 +417,12 @@ def sweep_intervals(cfg, intervals, out_dir, device="cpu", jobs=1, compile_model
         raise UserError(f"--seeds names a seed twice: {seeds}")
     configs = [replace(cfg, **spec, seed=seed) for seed in seeds for spec in intervals]
     with sweep.Collection(out_dir, SWEEP_KIND, dict(settings=asdict(cfg), intervals=intervals, seeds=seeds)) as folder:
-        planned = [(c, run_dir(out_dir, c), compile_model, timeout_s) for c in configs]
-        folder.run(train_one, planned, device, jobs, ignore=BOOKKEEPING, on_result=print_result)
-        results = collect(configs, out_dir)
+        planned = [(c, run_dir(out_dir, c), compile_model, timeout_s, allow_change) for c in configs]
+        folder.run(train_one, planned, device, jobs, ignore=BOOKKEEPING, allow_change=allow_change, inputs=inputs,
+                   on_result=print_result)
+        earlier = [WikiConfig(**s["settings"]) for _, s in folder.finished(asdict(cfg), SWEPT, BOOKKEEPING)]
+        results = collect(configs + [c for c in earlier if run_dir(out_dir, c) not in
+                                     {run_dir(out_dir, p) for p in configs}], out_dir)
         folder.finish("sweep.json", results)
     return results
 
@@ -636,6 +648,11 @@ def parse_args(argv):
 
 def main(argv=None):
     a, cfg = parse_args(argv)
+    bell = (cfg.t_dist != "uniform", "with --t-dist beta or logit-normal")
+    cli.check_used(a, window=(a.interval == "auto", "with --interval auto"), intervals=(a.sweep, "with --sweep"),
+                   seeds=(a.sweep, "with --sweep"), jobs=(a.sweep, "with --sweep"), t_mean=bell, t_std=bell,
+                   bench_steps=(a.benchmark, "with --benchmark"), profile=(a.benchmark, "with --benchmark"),
+                   allow_change=(a.resume or a.sweep, "with --resume (and to --sweep, to extend its runs)"))
     cli.check_interval(cfg.t0, cfg.t1)
     device = cli.pick_device(a.device)
     cli.check_positive(bench_steps=a.bench_steps, window=a.window, jobs=a.jobs)
@@ -651,7 +668,8 @@ def main(argv=None):
             cli.check_seed(seed, "seeds")
         intervals = parse_intervals(a.intervals) if a.intervals else SWEEP
         out_dir = a.out_dir or os.path.join("out", "wikitext", f"sweep_{a.preset}")
-        results = sweep_intervals(cfg, intervals, out_dir, device, a.jobs, a.compile, a.dist_timeout, a.seeds)
+        results = sweep_intervals(cfg, intervals, out_dir, device, a.jobs, a.compile, a.dist_timeout, a.seeds,
+                                  a.allow_change)
         for r in results["table"]:
             gap = "" if r["mean_gap_to_U01"] is None else f", paired gap to U[0, 1] {r['mean_gap_to_U01']:+.4f}"
             print(f"{r['window']:>16}: test loss {r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["std"] else "") +

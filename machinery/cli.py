@@ -133,7 +133,16 @@ def parse(p, argv, cls=None, presets=None):
     for name, value in vars(a).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    a.given = {name for name, value in vars(a).items() if value != p.get_default(name)}
     return a if cls is None else (a, settings(a, cls, presets))
+
+
+def check_used(a, **uses):
+    """A flag the user gave that this command would ignore is one line, not a silent default: `uses`
+    maps a flag's name to (whether this command uses it, when it applies)."""
+    for name, (used, when) in uses.items():
+        if name in a.given and not used:
+            raise UserError(f"--{name.replace('_', '-')} applies {when}; this command would ignore it")
 
 
 def settings(a, cls, presets):

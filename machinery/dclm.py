@@ -57,6 +57,8 @@ def local_files(path):
             raise UserError(f"--data {f} cannot be read ({e.strerror})") from None
         if os.path.getsize(f) == 0:
             raise UserError(f"--data {f} is empty")
+        if not f.endswith(COMPRESSED) and data_kind(f) in ("text", "json"):
+            file_ids.check_utf8(f, "--data")     # one line naming the line, not a decoder's byte position later
     if any(f.endswith((".zstd", ".zst")) for f in files):
         try:
             import zstandard  # noqa: F401

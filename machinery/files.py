@@ -95,6 +95,28 @@ def read_text(path, what):
         raise decode_error(path, data, e, what) from None
 
 
+def check_utf8(path, what):
+    """A text file is UTF-8 throughout, else one line naming the line it breaks on (read in blocks:
+    the file may be large)."""
+    line, offset, carry = 1, 0, b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(2 ** 22)
+            data = carry + block
+            if not data:
+                return
+            try:
+                data.decode("utf-8")
+                good, carry = data, b""
+            except UnicodeDecodeError as e:
+                if block and e.reason == "unexpected end of data" and e.start >= len(data) - 3:
+                    good, carry = data[:e.start], data[e.start:]        # a character cut by the block's end
+                else:
+                    at = line + data[:e.start].count(b"\n")
+                    raise UserError(f"{what} {path} is not UTF-8 text (line {at}, byte {offset + e.start})") from None
+            line, offset = line + good.count(b"\n"), offset + len(good)
+
+
 def read_json(path, what):
     """A user-given JSON file as a dict; unreadable, broken or not an object is one line naming it."""
     text = read_text(path, what)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import masking
 import model as model_lib
-from machinery import distributed, files, llada
+from machinery import cli, distributed, files, llada
 from machinery.cli import UserError, check_interval, check_positive, check_settings
 
 EVAL_SEED = 1234                # held-out chunk c is masked by generator EVAL_SEED + c in every run
@@ -52,6 +52,21 @@ def check_run_settings(cfg, world_size):
         ac_modes(cfg.ac, 1)
     if cfg.export_dtype not in ("float32", "bfloat16"):
         raise UserError(f"--export-dtype must be float32 or bfloat16, got {cfg.export_dtype!r}")
+
+
+BOOKKEEPING = ("log_every", "save_every", "keep", "export_dtype", "ac", "gpu_gib", "last_save_model_only")
+
+
+def parser(description, presets, preset, t0, t1):
+    """The command line of pretrain_8b.py and sft_8b.py: the shared vocabulary (cli.parser) and the flags
+    of the settings the two share; each script adds its own."""
+    p = cli.parser(description, presets=presets, preset=preset, t0=t0, t1=t1, torchrun=True,
+                   resume_help="continue from the newest complete checkpoint in OUT_DIR (none yet: a fresh run; a "
+                               "launcher may always pass it)",
+                   dry_run_help="print the plan (parameters, FLOPs, memory per GPU by arithmetic and by a trace of "
+                                "one step on fake tensors, time) and exit; nothing is trained")
+    add_run_flags(p)
+    return p
 
 
 def add_run_flags(p):
@@ -252,23 +267,24 @@ class Meter:
     finite leaves the weights as they were (the fused AdamW skips it on the GPU, as under a
     GradScaler); the next check stops the run, before any checkpoint could hold it."""
 
-    def __init__(self, run, cfg, tokens=0):
-        self.run, self.cfg, self.tokens = run, cfg, tokens
+    def __init__(self, run, cfg, model, tokens=0):
+        self.run, self.cfg, self.model, self.tokens = run, cfg, model, tokens
         self.sums = torch.zeros(3, device=run.device)           # loss, masked share, skipped steps
         self.lengths, self.t_log = [], time.time()
 
     def add(self, loss, masked, n_micro):
         self.sums[:2] += torch.stack([loss.detach(), masked.float().mean()]) / n_micro
 
-    def skip_if_not_finite(self, opt, norm, length):
-        """The fused AdamW's found_inf: the step is skipped on the device when the norm is not finite."""
+    def end_step(self, opt, norm, length):
+        """Before the optimizer step: the fused AdamW's found_inf is set (a step whose gradient norm is not
+        finite is skipped on the device), and the step's sequence length and tokens are counted."""
         opt.found_inf = (~torch.isfinite(norm)).float()
         self.sums[2] += opt.found_inf
         self.lengths.append(length)
         self.tokens += self.cfg.batch_size * length
 
     def due(self, step):
-        """Is `step` a check step (log, eval, save or the last)?"""
+        """Is `step` a check step: a log, eval or save step, or the last? (Between them, nothing syncs.)"""
         c = self.cfg
         return step == c.max_steps or any(step % every == 0 for every in (c.log_every, c.eval_every, c.save_every))
 
@@ -287,17 +303,18 @@ class Meter:
         if mine.sum().item() != 0:   # LLaDA's random lengths are drawn from the step: every rank crops alike
             raise RuntimeError(f"ranks trained the steps up to {step} on different lengths")
         if skipped or not math.isfinite(loss):
-            raise UserError(f"the training loss became {loss} by step {step}; stopped (the non-finite step did "
-                            f"not reach the weights). {self.run.checkpoint_note().capitalize()}; lower --lr or "
-                            f"check the data")
+            kept = ("the non-finite step did not reach the weights" if finite_weights(self.model, self.run) else
+                    "the weights hold NaN or inf; nothing of them was saved")
+            raise UserError(f"the training loss became {loss} by step {step}; stopped ({kept}). "
+                            f"{self.run.checkpoint_note().capitalize()}; lower --lr or check the data")
         return loss, frac
 
-    def record(self, step, lr, norm, loss, frac, model):
+    def record(self, step, lr, norm, loss, frac):
         """The log step's record and line: loss, lr, gradient norm, tokens/s, MFU, peak memory. Resets
         the sums."""
         cfg, world, device = self.cfg, self.run.world.size, self.run.device
         tok_s = cfg.batch_size * sum(self.lengths) / (time.time() - self.t_log)
-        mfu = model_lib.estimate_mfu(model.flops_per_token(cfg.block_size, frac), tok_s / world,
+        mfu = model_lib.estimate_mfu(self.model.flops_per_token(cfg.block_size, frac), tok_s / world,
                                      model_lib.device_peak_flops(device))
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
         rec = dict(step=step, loss=loss, lr=lr, grad_norm=norm.item(), seq_len=self.lengths[-1], tokens_per_sec=tok_s,
@@ -397,6 +414,9 @@ class ShardedCheckpoints:
                     from None
         distributed.on_every_rank(load, self.run.world)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if not finite_weights(model, self.run):
+            raise UserError(f"checkpoint {path} holds NaN or inf weights: it cannot be resumed (delete it, or choose "
+                            f"another --out-dir)")
         with self.run.together():
             for name, obj in objects.items():
                 obj.load_state_dict(extra[name])
@@ -413,7 +433,6 @@ class ShardedCheckpoints:
         from machinery.run import state_of
         self.complete_saves(block=True)
         model, opt = objects.pop("model"), objects.pop("opt")
-        check_finite_weights(model, step, self.run)
         if id(opt) not in self.hooked:         # the optimizer's step waits for a checkpoint's copy of the weights
             opt.register_step_pre_hook(lambda *args: self.wait_for_staging())
             self.hooked.add(id(opt))
@@ -436,9 +455,20 @@ class ShardedCheckpoints:
             raise
         msd, osd = get_state_dict(model, opt)
         sharded = {"model": msd} if extra.get("model_only") else {"model": msd, "optim": osd}
-        response = dcp.async_save(sharded, checkpoint_id=tmp, process_group=self.saving,
-                                  async_stager=self._stager())
+        try:
+            response = dcp.async_save(sharded, checkpoint_id=tmp, process_group=self.saving,
+                                      async_stager=self._stager())
+        except (Exception, dist.checkpoint.api.CheckpointException) as e:     # the latter is a BaseException
+            error = self.save_error(e, final)
+            distributed.agree(distributed.failure_of(error), self.run.world.control)
+            if self.run.master:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise error from None
         self.pending.append(dict(response=response, tmp=tmp, final=final))
+
+    def check(self, step, objects):
+        """Weights that hold NaN or inf on any rank are never written (agreed over the ranks)."""
+        check_finite_weights(objects["model"], step, self.run)
 
     def _stager(self):
         """torch's DefaultStager, kept for the run: on CUDA it copies the state to pinned host buffers it
@@ -528,13 +558,18 @@ def checkpoints(out_dir):
     return sorted(os.path.join(out_dir, d) for d in names if d.startswith("step_") and not d.endswith(".tmp"))
 
 
-def check_finite_weights(model, step, run):
-    """Weights that hold NaN or inf are never written as a checkpoint (a resume would start from them)."""
+def finite_weights(model, run):
+    """Every rank's shards of every parameter finite (agreed over the ranks)."""
     bad = torch.tensor([float(any(not torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p).all()
                                   for p in model.parameters()))])
     if run.world.size > 1:
         dist.all_reduce(bad, group=run.world.control)
-    if bad.item():
+    return not bad.item()
+
+
+def check_finite_weights(model, step, run):
+    """Weights that hold NaN or inf are never written as a checkpoint (a resume would start from them)."""
+    if not finite_weights(model, run):
         raise UserError(f"the weights hold NaN or inf at step {step}: not saved. {run.checkpoint_note().capitalize()}; "
                         f"lower --lr or check the data")
 
@@ -574,6 +609,18 @@ def export(model, folder, tok, ids, dtype):
         if files.is_write_failure(e) or "I/O error" in str(e):     # safetensors reports a full disk as its own error
             raise files.write_failure(folder, e) from None
         raise
+
+
+def export_path(export_dir, out_dir, steps):
+    """Where a run's export goes: --export, or OUT_DIR/export; when that holds the export of an earlier,
+    shorter run of this folder (the run is being extended), OUT_DIR/export_step_N (N: --max-steps). No
+    export is ever written over, and summary.json names the one that holds the run's weights."""
+    if export_dir is None:
+        export_dir = os.path.join(out_dir, "export")
+        if os.path.isdir(export_dir) and os.listdir(export_dir):
+            export_dir = os.path.join(out_dir, f"export_step_{steps:07d}")
+    check_export_path(export_dir, out_dir)
+    return export_dir
 
 
 def check_export_path(export_dir, out_dir):

@@ -150,14 +150,21 @@ def chat_template(messages, add_generation_prompt=True):
 def chat_text(messages):
     """A conversation in the chat template, split where the answer starts: the prompt is every turn
     before the last assistant turn plus the assistant header; the answer is that turn's content and
-    <|eot_id|>. Returns (prompt, answer); a malformed conversation raises ValueError saying how."""
+    <|eot_id|>. Returns (prompt, answer). A conversation that cannot be trained as written raises
+    ValueError saying how: malformed, no assistant turn, turns after the last one (they would be
+    dropped), an empty answer."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                  for m in messages):
         raise ValueError("`messages` is not a list of {role, content}")
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise ValueError("no assistant turn")
-    return chat_template(messages[:last]), content_text(messages[last]["content"]).strip() + "<|eot_id|>"
+    if last != len(messages) - 1:          # the turns after the answer would be dropped from what is trained
+        raise ValueError("turns after the last assistant turn")
+    answer = content_text(messages[last]["content"]).strip()
+    if not answer:
+        raise ValueError("an empty answer")
+    return chat_template(messages[:last]), answer + "<|eot_id|>"
 
 
 def chat_ids(tok, messages):

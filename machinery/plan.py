@@ -162,11 +162,11 @@ def auto_policy(peaks, gpu_gib):
     return next((p for p, t in peaks.items() if fits(t["total"], gpu_gib)), "full")
 
 
-def choose_ac(cfg, world, device, model_cfg=None, ranks=None):
+def choose_ac(cfg, world, device, model_cfg=None):
     """--ac auto: on a GPU, the cheapest policy in recomputation (none, then selective, then full)
     whose traced peak plus the allowance fits 90% of --gpu-gib, for the model the run builds
-    (`model_cfg`; SFT's is --init's); on a CPU, none. In a run (`ranks`: its distributed.World) rank 0
-    traces and every rank gets its choice."""
+    (`model_cfg`; SFT's is --init's); on a CPU, none. `world`: a number of GPUs, or a run's
+    distributed.World, whose rank 0 traces and every rank gets its choice."""
     if cfg.ac != "auto":
         return cfg.ac
     if not device.startswith("cuda"):
@@ -174,9 +174,9 @@ def choose_ac(cfg, world, device, model_cfg=None, ranks=None):
     mc = plan_model_config(cfg, model_cfg)
 
     def decide():
-        peaks = traced_peaks(mc, cfg, world, POLICIES, stop_when_fits=True)
+        peaks = traced_peaks(mc, cfg, getattr(world, "size", world), POLICIES, stop_when_fits=True)
         return auto_policy(peaks, cfg.gpu_gib)
-    return decide() if ranks is None else distributed.rank0(decide, ranks)
+    return distributed.rank0(decide, world) if isinstance(world, distributed.World) else decide()
 
 
 # ----------------------------------------------------------------------------- --dry-run
@@ -309,7 +309,7 @@ def timed_steps(cfg, ranks, compile_model, layers, steps, warmup, traced):
     fsdp.check_run_settings(cfg, world)
     full = meta_model(plan_model_config(cfg))
     mc = replace(full.cfg, n_layer=min(layers or full.cfg.n_layer, full.cfg.n_layer))     # never more than the model
-    ac = choose_ac(cfg, world, device, mc, ranks)
+    ac = choose_ac(cfg, ranks, device, mc)
     model, opt = fsdp.build(mc, cfg, device, compile_model, ac)
     ce_fn = masking.compiled_token_ce() if compile_model else masking.token_ce
     gen = torch.Generator(device).manual_seed(rank)

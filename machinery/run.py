@@ -61,11 +61,13 @@ class Run:
     dry_run       build and step, write nothing; quiet: print nothing
     log_file      append every record to OUT_DIR/log.jsonl as well
     report        summary keys the line of a finished command run again shows ("test_loss", ...)
+    resumable     False for a script without --resume (theory.py): an earlier run is refused without
+                  suggesting it
     """
 
     def __init__(self, script, settings, out_dir, *, resume=False, allow_change=(), bookkeeping=(), inputs=None,
                  checkpoints=None, torchrun=False, device="cpu", timeout_s=600.0, backend=None, dry_run=False,
-                 quiet=False, log_file=False, report=()):
+                 quiet=False, log_file=False, report=(), resumable=True):
         self.script, self.out_dir = script, out_dir
         self.settings = asdict(settings) if is_dataclass(settings) else dict(settings)
         self.resume, self.allow_change, self.bookkeeping = resume, tuple(allow_change), tuple(bookkeeping)
@@ -73,6 +75,7 @@ class Run:
         self.torchrun, self.backend, self.timeout_s = torchrun, backend, timeout_s
         self.world = distributed.World(device=device)
         self.dry_run, self.quiet, self.log_file, self.report = dry_run, quiet, log_file, report
+        self.resumable = resumable
         self._inputs_spec, self.inputs = inputs, {}
         self.state, self.latest = None, None          # "fresh" | "resume" | "done"; the checkpoint resumed
         self.history, self.changes, self.step = [], {}, 0
@@ -141,7 +144,8 @@ class Run:
         ("fresh", "resume" or "done"), its inputs' fingerprints and the checkpoint to resume."""
         inputs = self._fingerprints()
         state = claim_out_dir(self.out_dir, self.script, self.settings, inputs, resume=self.resume,
-                              has_checkpoint=self.checkpoints.latest() is not None, ignore=self.bookkeeping)
+                              has_checkpoint=self.checkpoints.latest() is not None, ignore=self.bookkeeping,
+                              resumable=self.resumable)
         latest = None
         if state == "resume":
             latest = self.checkpoints.latest()
@@ -261,6 +265,7 @@ class Run:
         they are), with the settings, inputs, history, seconds and RNGs, written whole or not at all."""
         if self.dry_run:
             return
+        self.checkpoints.check(step, objects)    # weights that hold NaN or inf are never written
         self._mark()
         state = dict(step=step, config=self.settings, inputs=self.inputs, changes=self.changes, history=self.history,
                      seconds=self.seconds(), rng=rng_state())
@@ -349,16 +354,21 @@ class FileCheckpoint:
                 obj.set_state(saved[name])
             else:
                 files.restore(obj, saved[name], path)
+            if isinstance(obj, torch.nn.Module) and not finite(obj):
+                raise UserError(f"checkpoint {path} holds NaN or inf weights: it cannot be resumed (delete it, or "
+                                f"choose another --out-dir)")
         self.saved_step = saved["step"]
         return saved
+
+    def check(self, step, objects):
+        for obj in objects.values():
+            if isinstance(obj, torch.nn.Module) and not finite(obj):
+                raise UserError(f"the weights hold NaN or inf at step {step}: not saved. "
+                                f"{self.note().capitalize()}; lower --lr, or check the data")
 
     def save(self, step, state, objects):
         if not self.run.master:
             return
-        for obj in objects.values():
-            if isinstance(obj, torch.nn.Module) and not all(torch.isfinite(p).all() for p in obj.parameters()):
-                raise UserError(f"the weights hold NaN or inf at step {step}: not saved. "
-                                f"{self.note().capitalize()}; lower --lr, or check the data")
         state.update({name: state_of(obj) for name, obj in objects.items()})
         files.atomic_torch_save(state, self.path, note=self.note())
         self.saved_step = step
@@ -397,6 +407,9 @@ class Partial:
     def note(self):
         return f"the results scored so far are in {self.path}"
 
+    def check(self, step, objects):
+        pass
+
     def save(self, step, state, objects):
         raise RuntimeError("results are written one by one with run.write_json")
 
@@ -416,6 +429,10 @@ def done_line(out_dir, summary_keys=()):
                       for k in summary_keys if k in s)
     return f"{out_dir} already holds this run, finished" + (f" ({shown})" if shown else "") + \
         f": see {path} (another --out-dir for a new run)"
+
+
+def finite(module):
+    return all(torch.isfinite(p).all() for p in module.parameters())
 
 
 def state_of(obj):
@@ -508,7 +525,7 @@ def changed_inputs(summary, inputs):
     return [k for k, v in saved.items() if k in inputs and inputs[k] != v]
 
 
-def claim_out_dir(out_dir, script, settings, inputs, *, resume, has_checkpoint, ignore=()):
+def claim_out_dir(out_dir, script, settings, inputs, *, resume, has_checkpoint, ignore=(), resumable=True):
     """What this run may do with --out-dir, decided before any work and before anything is written:
 
       "fresh"  - the folder is new or empty (with --resume: said, so a mistyped --out-dir shows),
@@ -536,8 +553,9 @@ def claim_out_dir(out_dir, script, settings, inputs, *, resume, has_checkpoint, 
                         f"since); its result does not hold for the {' and '.join(changed)} now: choose another "
                         f"--out-dir")
     if not resume:
-        raise UserError(f"--out-dir {out_dir} holds an earlier run of {script}; pass --resume to continue it, or "
-                        f"choose another --out-dir")
+        raise UserError(f"--out-dir {out_dir} holds an earlier run of {script}" + (
+            "; pass --resume to continue it, or choose another --out-dir" if resumable else
+            " with other settings; choose another --out-dir (nothing is written over it)"))
     if has_checkpoint:
         return "resume"
     if done is not None:

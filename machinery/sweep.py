@@ -136,26 +136,48 @@ class Collection:
     def path(self, *parts):
         return os.path.join(self.out_dir, *parts)
 
-    def run(self, fn, jobs, device, workers=1, ignore=(), on_result=None):
+    def run(self, fn, jobs, device, workers=1, ignore=(), allow_change=(), inputs=None, on_result=None):
         """Every job (cfg, run folder, *more) trained once by fn(*job, device=d), `workers` CPU processes (or
-        every visible GPU) at a time: a finished run with these settings is reused, never retrained; one
-        with other settings is refused, before any run starts."""
-        self.check([(job[1], asdict(job[0])) for job in jobs], ignore)
-        todo = [job for job in jobs if not os.path.exists(os.path.join(job[1], "summary.json"))]
+        every visible GPU) at a time: a finished run with these settings and inputs (inputs(cfg): what
+        Run would fingerprint) is reused, never retrained; one with others is refused, before any run
+        starts, unless --allow-change names the settings (the job then extends it: fn resumes it)."""
+        self.check([(job[1], asdict(job[0]), inputs(job[0]) if inputs else {}) for job in jobs], ignore,
+                   allow_change)
+        todo = [job for job in jobs if not os.path.exists(os.path.join(job[1], "summary.json")) or
+                not runs.same_settings(runs.finished_summary(job[1])["settings"], asdict(job[0]), ignore)]
         devices = devices_for(device, workers)
         print(f"{self.kind}: {len(jobs)} runs ({len(jobs) - len(todo)} already done), {len(devices)} at a time",
               flush=True)
         run_jobs(fn, todo, devices, on_result)
 
-    def check(self, planned, ignore=()):
-        """Every planned (run folder, settings) that holds a finished run must hold it with those very
-        settings (bookkeeping `ignore` aside): it is reused, never retrained; another one is refused.
-        Then the folder is marked as this collection's."""
-        for run_dir, settings in planned:
+    def check(self, planned, ignore=(), allow_change=()):
+        """Every planned (run folder, settings, inputs' fingerprints) that holds a finished run must hold it
+        with those very settings (bookkeeping `ignore` aside; those --allow-change names may differ: the
+        run is then extended) and inputs: it is reused, never retrained; another one is refused. Then
+        the folder is marked as this collection's."""
+        for run_dir, settings, inputs in planned:
             done = runs.finished_summary(run_dir)
-            if done is not None and not runs.same_settings(done["settings"], settings, ignore):
-                raise UserError(f"{run_dir} holds a finished run with other settings; choose another --out-dir")
+            if done is None:
+                continue
+            if not runs.same_settings(done["settings"], settings, tuple(ignore) + tuple(allow_change)):
+                raise UserError(f"{run_dir} holds a finished run with other settings; choose another --out-dir (or "
+                                f"--allow-change the settings to extend it)")
+            changed = runs.changed_inputs(done, {k: files.fingerprint(v) for k, v in inputs.items()})
+            if changed:
+                raise UserError(f"{run_dir} holds a finished run on other {' and '.join(changed)} (changed since); "
+                                f"choose another --out-dir")
         files.write_json(self.path(runs.RUN_FILE), dict(script=self.kind, settings=self.settings))
+
+    def finished(self, settings, vary, ignore=()):
+        """(run folder, summary) of every finished run in the folder whose settings are `settings` but for
+        the keys in `vary` (bookkeeping `ignore` aside), in name order: what an earlier command of this
+        collection trained, so that its table holds the union of the runs, never a subset."""
+        out = []
+        for name in sorted(os.listdir(self.out_dir)):
+            done = runs.finished_summary(self.path(name))
+            if done is not None and runs.same_settings(done["settings"], settings, tuple(vary) + tuple(ignore)):
+                out.append((self.path(name), done))
+        return out
 
     def finish(self, name, summary):
         """The collection's table (`name`, a JSON file), written whole, last."""

@@ -433,6 +433,12 @@ def test_a_failing_evaluation_leaves_a_finished_one_as_it_was(tmp_path):
                            env=ENV, timeout=300)             # the same command: says where its result is
     assert again.returncode == 0 and "already holds this run" in again.stdout, again.stderr[-2000:]
     assert "holds an earlier run" in script_error("eval_8b.py", [*args[:-4], "--mc-num", "3", *args[-2:]])
+    weights = {f: (folder / f).read_bytes() for f in os.listdir(folder)}          # 31.1: other weights, same path
+    torch.manual_seed(1)
+    llada.save_safetensors(model_lib.Transformer(m.cfg), str(folder))
+    assert "finished on other checkpoint" in script_error("eval_8b.py", args)
+    for f, saved in weights.items():
+        (folder / f).write_bytes(saved)
     path = data / "arc_challenge" / "ARC-Challenge-test.jsonl"
     path.write_text(path.read_text()[:5000])                     # cut mid-line
     assert "truncated" in script_error("eval_8b.py", [*args[:-4], "--mc-num", "3", *args[-2:], "--resume"])
@@ -760,3 +766,263 @@ def test_the_md_step_and_the_schedule_are_written_once_and_model_py_is_the_netwo
     model_src = open(os.path.join(ROOT, "model.py")).read()
     for word in ("torch.distributed", "fully_shard", "DTensor", "checkpoint(", "shard_like"):
         assert word not in model_src, word
+
+
+# ----------------------------------------------------------------------------- issue 31: round 4
+
+def small_text_data(folder, words=("alpha", "beta", "gamma", "delta")):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        (folder / f"{split}.txt").write_text(" ".join(words[(i * 7) % len(words)] for i in range(2000)))
+    return str(folder)
+
+
+def byte_args(tmp_path, data, *extra):
+    return ["--preset", "tiny", "--tokenizer", "bytes", "--data", data, "--train-split", "train",
+            "--cache-dir", str(tmp_path / "cache"), "--max-steps", "4", "--ckpt-every", "2", "--no-plot", *extra]
+
+
+def test_a_run_is_its_inputs_content_on_resume_on_done_and_in_a_sweep(tmp_path):
+    """31.1: --resume after the training text was edited in place, the same finished command after the
+    test text changed, and a sweep reusing a finished run on changed data: each refused in one line,
+    naming what changed; nothing written."""
+    data = small_text_data(tmp_path / "d")
+    out = str(tmp_path / "run")
+    wikitext.main(byte_args(tmp_path, data, "--out-dir", out, "--max-steps", "2"))
+    (tmp_path / "d" / "train.txt").write_text((tmp_path / "d" / "train.txt").read_text().replace("alpha", "omega"))
+    before = snapshot(out)
+    msg = one_line_error(wikitext.main, byte_args(tmp_path, data, "--out-dir", out, "--resume", "--allow-change",
+                                                  "max_steps"))
+    assert "the train changed since" in msg and "--allow-change train" in msg and snapshot(out) == before
+    (tmp_path / "d" / "train.txt").write_text((tmp_path / "d" / "train.txt").read_text().replace("omega", "alpha"))
+    (tmp_path / "d" / "test.txt").write_text("delta gamma " * 500)
+    msg = one_line_error(wikitext.main, byte_args(tmp_path, data, "--out-dir", out, "--max-steps", "2"))
+    assert "finished on other test" in msg and snapshot(out) == before
+    sweep = str(tmp_path / "sweep")
+    wikitext.main(byte_args(tmp_path, data, "--sweep", "--intervals", "0-1", "--out-dir", sweep, "--max-steps", "2"))
+    (tmp_path / "d" / "test.txt").write_text("beta alpha " * 500)
+    msg = one_line_error(wikitext.main, byte_args(tmp_path, data, "--sweep", "--intervals", "0-1", "--out-dir", sweep,
+                                                  "--max-steps", "2"))
+    assert "holds a finished run on other test" in msg
+
+
+def test_sft_resume_after_the_answers_changed_is_refused(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
+            for i in range(60)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["--preset", "tiny", "--device", "cpu", "--data", str(tmp_path / "rows.jsonl"), "--max-steps", "4",
+            "--save-every", "2", "--out-dir", str(tmp_path / "run"), "--no-plot"]
+    r = run_script("sft_8b.py", [*args, "--max-steps", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in rows:
+        row["messages"][1]["content"] = "42"
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    msg = script_error("sft_8b.py", [*args, "--resume", "--allow-change", "max_steps"], cwd=tmp_path)
+    assert "the data changed since" in msg and "--allow-change data" in msg
+
+
+@pytest.mark.parametrize("script,args", [
+    ("parity.py", ["--lr", "inf"]), ("parity.py", ["--init-std", "inf"]), ("wikitext.py", ["--weight-decay", "inf"]),
+    ("wikitext.py", ["--window", "nan", "--interval", "auto"]), ("pretrain_8b.py", ["--lr", "inf", "--dry-run"]),
+    ("pretrain_8b.py", ["--dry-run", "--gpu-gib", "nan"]), ("pretrain_8b.py", ["--dry-run", "--plan-mfu", "nan"]),
+    ("sft_8b.py", ["--dist-timeout", "inf"]), ("wikitext.py", ["--dist-timeout", "nan"]),
+    ("eval_8b.py", ["--tasks", "arc_easy", "--cfg", "nan"])])
+def test_every_float_flag_is_finite(tmp_path, script, args):
+    """31.2: NaN and inf in any float flag, one check for all (a NaN passes every range check)."""
+    flag = next(args[i - 1] for i, v in enumerate(args) if v in ("inf", "nan"))
+    msg = script_error(script, [*args, "--out-dir", str(tmp_path / "o")], cwd=tmp_path)
+    assert f"{flag} must be a finite number" in msg and not (tmp_path / "o").exists()
+
+
+def test_no_checkpoint_with_non_finite_weights_is_written_or_resumed(tmp_path):
+    """31.2: a learning rate that blows the weights up stops the run before it saves them (and writes no
+    summary); a checkpoint that holds NaN weights (an older version's) is refused by --resume."""
+    out = tmp_path / "run"
+    msg = one_line_error(parity.main, PARITY + ["--out-dir", str(out), "--lr", "1e30", "--grad-clip", "0"])
+    assert "the weights hold NaN or inf at step 2: not saved" in msg
+    assert not (out / "summary.json").exists() and not (out / "ckpt.pt").exists()
+    parity.main(PARITY + ["--out-dir", str(out)])
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    ck["model"]["W.weight"][0, 0] = float("nan")
+    torch.save(ck, out / "ckpt.pt")
+    (out / "summary.json").unlink()
+    msg = one_line_error(parity.main, PARITY + ["--out-dir", str(out), "--resume", "--max-steps", "6",
+                                                "--allow-change", "max_steps"])
+    assert "holds NaN or inf weights: it cannot be resumed" in msg
+
+
+def test_pretraining_that_blows_up_keeps_only_finite_checkpoints(tmp_path):
+    """31.2: --lr inf was accepted, its checkpoint of 37 non-finite tensors named "the last complete
+    checkpoint", and --resume from it failed again. A rate that blows up now stops the run in one line
+    before a non-finite checkpoint is written: the last one resumes (with a sane rate) and trains on."""
+    data = docs_file(tmp_path / "docs.jsonl")
+    args = tiny_pretrain(data, tmp_path / "run", "--max-steps", "6", "--save-every", "1", "--log-every", "1",
+                         "--grad-clip", "0", "--schedule", "constant")
+    msg = script_error("pretrain_8b.py", [*args, "--lr", "1e30"])
+    assert "the training loss became" in msg or "the weights hold NaN or inf" in msg, msg
+    assert fsdp_checkpoints(tmp_path / "run")
+    r = run_script("pretrain_8b.py", [*args, "--lr", "1e-3", "--resume", "--allow-change", "lr"], ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 6
+
+
+def test_a_resume_that_would_train_nothing_is_refused(tmp_path):
+    """31.5: --resume --max-steps 2 of a 4-step run trained nothing and rewrote the summary."""
+    out = str(tmp_path / "run")
+    parity.main(PARITY + ["--out-dir", out])
+    before = snapshot(out)
+    msg = one_line_error(parity.main, PARITY + ["--out-dir", out, "--resume", "--max-steps", "2", "--allow-change",
+                                                "max_steps"])
+    assert "is at step 4, past --max-steps 2: nothing to train" in msg and snapshot(out) == before
+
+
+def test_plot_runs_draws_only_runs_of_its_own_kind(tmp_path):
+    """31.6: a WikiText run was drawn as Fig. 4; SFT's figure mixed in pre-training runs."""
+    other = tmp_path / "wt"
+    other.mkdir()
+    (other / "summary.json").write_text(json.dumps(dict(script="wikitext.py", settings=dict(t0=0, t1=1),
+                                                        test_loss_curve=[[1, 2.0]])))
+    msg = script_error("pretrain_8b.py", ["--plot-runs", str(other), "--out-dir", str(tmp_path / "fig")])
+    assert "holds a run of wikitext.py, not of pretrain_8b.py" in msg
+    msg = script_error("sft_8b.py", ["--plot-runs", str(other), "--out-dir", str(tmp_path / "fig")])
+    assert "not of sft_8b.py" in msg
+
+
+@pytest.mark.parametrize("script,args,want", [
+    ("wikitext.py", ["--preset", "tiny", "--window", "0.2"], "--window applies with --interval auto"),
+    ("wikitext.py", ["--preset", "tiny", "--t-mean", "0.3"], "--t-mean applies with --t-dist beta or logit-normal"),
+    ("wikitext.py", ["--preset", "tiny", "--seeds", "0", "1"], "--seeds applies with --sweep"),
+    ("parity.py", ["--allow-change", "max_steps"], "--allow-change applies with --resume"),
+    ("parity.py", ["--intervals", "0.3"], "--intervals applies with --compare"),
+    ("pretrain_8b.py", ["--preset", "tiny", "--plan-mfu", "0.3"], "--plan-mfu applies with --dry-run"),
+    ("sft_8b.py", ["--preset", "tiny", "--world-size", "4"], "--world-size applies with --dry-run")])
+def test_flags_this_command_would_ignore_are_refused(tmp_path, script, args, want):
+    """31.7: --window nan with --interval auto trained U[0, 1]; --allow-change was accepted and ignored."""
+    assert want in script_error(script, [*args, "--out-dir", str(tmp_path / "o")], cwd=tmp_path)
+
+
+def test_a_refused_command_writes_nothing_and_a_collection_keeps_the_union(tmp_path):
+    """31.8: a refused --compare rewrote run.json; theory.py into its own folder with other settings
+    wrote over its summary; a second --compare with other intervals replaced the table with its subset."""
+    out = tmp_path / "c"
+    base = PARITY + ["--compare", "--jobs", "1", "--seeds", "0", "--out-dir", str(out)]
+    parity.main(base + ["--intervals", "0.3"])
+    before = snapshot(out)
+    assert "other settings" in one_line_error(parity.main, base + ["--intervals", "0.3", "--lr", "0.01"])
+    assert snapshot(out) == before
+    parity.main(base + ["--intervals", "0.5"])
+    table = json.load(open(out / "summary.json"))["table"]
+    assert [r["run"] for r in table] == ["label", "md_0-0.5", "md_0-0.3"]
+    theory_out = str(tmp_path / "t")
+    theory.main(["--draws", "100", "--no-plot", "--out-dir", theory_out])
+    before = snapshot(theory_out)
+    msg = one_line_error(theory.main, ["--draws", "200", "--no-plot", "--out-dir", theory_out])
+    assert "holds an earlier run of theory.py with other settings" in msg and snapshot(theory_out) == before
+
+
+def test_a_finished_8b_run_is_extended_into_an_export_of_its_own(tmp_path):
+    """31.9: --resume --allow-change max_steps into a finished pre-training run was refused by the run's own
+    export; now the default command extends it, the earlier export stays as it was, and summary.json
+    names the export that holds the longer run's weights."""
+    data = docs_file(tmp_path / "docs.jsonl")
+    r = run_script("pretrain_8b.py", tiny_pretrain(data, tmp_path / "run"), ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = snapshot(tmp_path / "run" / "export")
+    r = run_script("pretrain_8b.py", tiny_pretrain(data, tmp_path / "run", "--resume", "--max-steps", "4",
+                                                   "--allow-change", "max_steps"), ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["steps"] == 4 and summary["export"] == str(tmp_path / "run" / "export_step_0000004")
+    assert summary["changed_on_resume"] == {"max_steps": [2, 4]}
+    assert snapshot(tmp_path / "run" / "export") == first
+    assert (tmp_path / "run" / "export_step_0000004" / "config.json").exists()
+
+
+def test_a_finished_compare_is_extended_with_allow_change(tmp_path):
+    out = tmp_path / "c"
+    base = PARITY + ["--compare", "--jobs", "1", "--seeds", "0", "--intervals", "0.3", "--out-dir", str(out),
+                     "--stop-acc", "2"]
+    parity.main(base)
+    parity.main(base + ["--max-steps", "6", "--allow-change", "max_steps"])
+    rows = json.load(open(out / "summary.json"))["runs"]
+    assert [r["steps"] for r in rows] == [6, 6]
+
+
+@pytest.mark.parametrize("case", ["sft-not-utf8", "pretrain-not-utf8", "theory-draws", "dist-timeout"])
+def test_round_4_user_errors_are_one_line(tmp_path, case):
+    """31.10-11: pyarrow's UnicodeDecodeError for a non-UTF-8 SFT jsonl; a byte position for a non-UTF-8
+    pre-training text; numpy's allocation error for --draws 10**12 (and an empty out-dir left)."""
+    bad = tmp_path / "bad"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    if case == "sft-not-utf8":
+        msg = script_error("sft_8b.py", ["--preset", "tiny", "--device", "cpu", "--data", str(bad), "--out-dir",
+                                         str(tmp_path / "o")])
+        assert "is not UTF-8 text (line 2" in msg
+    elif case == "pretrain-not-utf8":
+        txt = tmp_path / "docs.txt"
+        txt.write_bytes(b"a fine document\nanother\ncaf\xe9 au lait\n")
+        msg = script_error("pretrain_8b.py", tiny_pretrain(str(txt), tmp_path / "o"))
+        assert "is not UTF-8 text (line 3" in msg
+    elif case == "theory-draws":
+        msg = script_error("theory.py", ["--draws", str(10 ** 12), "--out-dir", str(tmp_path / "o")])
+        assert "--draws 1,000,000,000,000 is more than" in msg
+    else:
+        msg = script_error("wikitext.py", ["--preset", "tiny", "--dist-timeout", "inf"], cwd=tmp_path)
+        assert "--dist-timeout must be a finite number" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_sft_rows_are_trained_as_written_or_counted_as_skipped():
+    """31.4: a user turn after the last assistant turn was dropped silently and the row trained; an empty
+    answer was trained on; skipped_rows stayed {} for both."""
+    import sft_8b
+    turn = lambda role, text: {"role": role, "content": text}
+    rows = [{"messages": [turn("user", "q"), turn("assistant", "a")]},
+            {"messages": [turn("user", "q"), turn("assistant", "a"), turn("user", "and then?")]},
+            {"messages": [turn("user", "q"), turn("assistant", "   ")]}]
+    ids, _, skipped = sft_8b.encode_rows(rows, llada.byte_tokenizer(), 256, 64)
+    assert len(ids) == 1
+    assert skipped == {"turns after the last assistant turn": (1, 1), "an empty answer": (2, 1)}
+
+
+def test_an_empty_lock_is_taken_over(tmp_path):
+    """31.11: an empty .lock (a writer killed while taking it) was never taken over ("pid None on None")."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("")
+    parity.main(PARITY + ["--out-dir", str(out)])
+    assert json.load(open(out / "summary.json"))["steps"] == 4 and not (out / ".lock").exists()
+
+
+def test_sigterm_of_a_compare_names_what_is_kept_and_how_to_continue(tmp_path):
+    """31.11: Ctrl-C or SIGTERM of parity.py --compare --jobs 2 printed a bare "stopped (SIGTERM)"."""
+    import signal
+    import time
+    out = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "parity.py"), *PARITY[:-3], "--compare", "--jobs", "2",
+                             "--seeds", "0", "--intervals", "0.3", "--max-steps", "100000", "--eval-every", "2",
+                             "--stop-acc", "2", "--no-plot", "--out-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=ENV)
+    deadline = time.time() + 120
+    while not list(out.glob("*/ckpt.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"stopped (SIGTERM); every finished run in {out} is kept, and each unfinished one keeps "
+                           f"its last checkpoint; continue with: python parity.py"), line
+    assert not list(out.glob("*/.lock"))
+
+
+def test_an_interrupted_run_of_any_kind_says_what_is_kept(tmp_path):
+    """31.11: eval_8b.py's Ctrl-C printed a bare "interrupted" and left an empty --out-dir. Run gives every
+    interrupt its note (here a run whose results are written one by one), and removes a folder it made
+    and left empty."""
+    from machinery.run import Partial, Run
+    out = tmp_path / "new" / "eval"
+    with pytest.raises(KeyboardInterrupt) as e:
+        with Run("eval_8b.py", {"x": 1}, str(out), checkpoints=Partial("results")):
+            raise KeyboardInterrupt
+    assert e.value.note.startswith(f"the results scored so far are in {out / 'results'}; continue with: ")
+    assert e.value.note.endswith("--resume") and not (tmp_path / "new").exists()

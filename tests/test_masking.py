@@ -163,3 +163,40 @@ def test_elbo_in_chunks_is_the_same_bound():
     for chunk in (1, 4, 7):
         parts = masking.elbo_terms(model_fn, x0, 10, n_t=5, generator=torch.Generator().manual_seed(4), chunk=chunk)
         assert torch.equal(parts[0], whole[0]) and torch.allclose(parts[1], whole[1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dist,mean,std", [("beta", 0.34, 0.029), ("beta", 0.5, 0.15), ("logit-normal", 0.34, 0.5)])
+def test_bell_shaped_t_has_its_mean_and_spread(dist, mean, std):
+    """Issue 32: t ~ Beta (set by its mean and standard deviation) or logit-normal (logit t ~ N(logit mean,
+    std^2): `mean` is its median), drawn as inverse CDFs of one uniform; stratified draws tile quantiles."""
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    t = masking.sample_t(n, dist=dist, mean=mean, std=std, generator=g)
+    assert t.min() > 0 and t.max() < 1
+    if dist == "beta":
+        assert t.mean().item() == pytest.approx(mean, abs=4 * std / math.sqrt(n))
+        assert t.std().item() == pytest.approx(std, rel=0.01)
+    else:
+        assert t.median().item() == pytest.approx(mean, abs=0.005)
+        logit = torch.log(t / (1 - t))
+        assert logit.std().item() == pytest.approx(std, rel=0.01)
+    s = masking.sample_t(8, dist=dist, mean=mean, std=std, stratified=True, generator=g).sort().values
+    u = masking.sample_t(8, stratified=True, generator=torch.Generator().manual_seed(1))
+    assert (s.diff() > 0).all() and u.sort().values.diff().sub(1 / 8).abs().max() < 1e-6
+
+
+def test_beta_cdf_against_its_closed_form_where_there_is_one():
+    """Beta(2, 2): CDF 3t^2 - 2t^3. The tabulated inverse gives the exact quantiles to 1e-6."""
+    mean, std = 0.5, math.sqrt(1 / 20)           # Beta(2, 2): mean 1/2, variance ab/((a+b)^2 (a+b+1)) = 1/20
+    assert masking.beta_params(mean, std) == pytest.approx((2.0, 2.0))
+    g = torch.Generator().manual_seed(3)
+    t = masking.sample_t(5, dist="beta", mean=mean, std=std, generator=g).double()
+    u = torch.rand(5, generator=torch.Generator().manual_seed(3)).double()
+    assert torch.allclose(3 * t ** 2 - 2 * t ** 3, u, atol=1e-6)
+
+
+@pytest.mark.parametrize("dist,mean,std,want", [("beta", 0.3, 0.4, "bell-shaped"), ("beta", 0.5, 0.6, "no Beta"),
+                                                ("logit-normal", 1.2, 0.1, "0 < mean < 1"), ("gamma", 0.5, 0.1, "one of")])
+def test_bad_t_distributions_are_refused(dist, mean, std, want):
+    with pytest.raises(ValueError, match=want):
+        masking.sample_t(4, dist=dist, mean=mean, std=std)

@@ -469,3 +469,19 @@ def test_nonsense_checkpoint_configs_are_one_line_naming_the_file(tmp_path, case
         r = run(script, [*args, "--device", "cpu", "--out-dir", str(tmp_path / script)], check=False)
         assert r.returncode == 1 and r.stderr.startswith("error:") and r.stderr.strip().count("\n") == 0, r.stderr
         assert want in r.stderr and (str(folder) in r.stderr), (script, r.stderr)
+
+
+def test_the_one_token_likelihood_cache_is_keyed_by_the_guidance():
+    """31.3: one process scoring two tasks with different --cfg and a repeated context gave the second the
+    first's numbers (-4.6013 at cfg 0.5 where the exact value is -3.9349): each value is exact for its own cfg."""
+    torch.manual_seed(0)
+    m = model_lib.Transformer(model_lib.get_config("tiny", vocab_size=262, mask_id=257, block_size=16,
+                                                   init_std=0.5)).eval()
+    lm = harness(m, mc_num=1, cfg=0.5)
+    ctx, is_prompt = [10, 20], torch.tensor([[True, True, False]])
+    guided = lm.log_likelihood(ctx, [30])
+    assert guided == pytest.approx(exact_log_likelihood(lm.model_fn(is_prompt), ctx, [30], 257), abs=1e-5)
+    lm.cfg = 0.0                                   # the next task's setting, the same context
+    plain = lm.log_likelihood(ctx, [30])
+    assert plain == pytest.approx(exact_log_likelihood(lm.model_fn(is_prompt), ctx, [30], 257), abs=1e-5)
+    assert abs(plain - guided) > 1e-3

@@ -160,3 +160,19 @@ def test_cli_writes_table_and_plots(tmp_path, capsys):
     assert "0.2459" in out and "0.4630" in out and "0.4814" in out
     for f in ("summary.json", "signal_prob.png", "language_signal.png", "sample_bound.png", "energy.png"):
         assert (tmp_path / f).stat().st_size > 0
+
+
+def test_ngram_weights_of_bytes_by_hand(tmp_path):
+    """Issue 32: theory.py --tokenizer bytes. "aab" repeated: H_1 = H(2/3, 1/3); after "a" the next byte is
+    a coin flip, after "b" it is "a" (H_2 = 2/3 log 2); two bytes decide the next one (H_3 = ... = 0). So
+    w_2 : w_3 = (H_1 - H_2) : H_2, and w_4 = w_5 = w_6 = 0."""
+    import json
+    corpus = tmp_path / "aab.txt"
+    corpus.write_text("aab" * 400)
+    theory.main(["--corpus", str(corpus), "--tokenizer", "bytes", "--draws", "1000", "--no-plot",
+                 "--out-dir", str(tmp_path / "t")])
+    w = json.load(open(tmp_path / "t" / "summary.json"))["corpus_weights"]
+    H1 = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    H2 = 2 / 3 * math.log(2)
+    assert w["2"] == pytest.approx((H1 - H2) / H1, abs=2e-3) and w["3"] == pytest.approx(H2 / H1, abs=2e-3)
+    assert all(w[str(i)] == pytest.approx(0, abs=1e-9) for i in (4, 5, 6))

@@ -207,3 +207,38 @@ def test_benchmark_reports_both_heads_and_profiles(capsys):
     assert all(h["tokens_per_sec"] > 0 and h["mfu"] is None and h["peak_memory_gib"] is None for h in heads)
     assert out["speedup"] == pytest.approx(heads[0]["tokens_per_sec"] / heads[1]["tokens_per_sec"])
     assert "aten::mm" in capsys.readouterr().out                   # the profiler table was printed
+
+
+def test_bytes_are_the_text_utf8_and_round_trip(tmp_path):
+    """Issue 32: --tokenizer bytes. Every character's UTF-8 bytes are its ids (one to four of them), so every
+    byte value text can hold occurs and comes back; MASK (256) never comes out of text; the cache keeps them."""
+    enc = corpus.Bytes()
+    text = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)      # every code point
+    ids = enc.encode_ordinary(text)
+    assert ids == list(text.encode("utf-8")) and enc.decode(ids) == text
+    assert set(ids) == set(range(256)) - {0xC0, 0xC1} - set(range(0xF5, 0x100))      # all UTF-8 can hold
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "test.txt").write_text(text)
+    cfg = wikitext.WikiConfig(data=str(tmp_path / "d"), tokenizer="bytes", cache_dir=str(tmp_path / "cache"))
+    cached = wikitext.load_split(cfg, "test", enc)
+    assert cached.dtype == np.uint16 and np.asarray(cached).tolist() == ids
+
+
+def test_a_tiny_byte_model_learns_below_its_unigram_entropy(tmp_path):
+    """Issue 32: the byte-level path end to end, test-sized. Words drawn from a small vocabulary: a model
+    that uses context leaves the unigram plateau (H_1 of the training bytes) well behind."""
+    import random
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "kappa", "sigma"]
+    (tmp_path / "d").mkdir()
+    for split, n in (("train", 6000), ("test", 800)):
+        (tmp_path / "d" / f"{split}.txt").write_text(" ".join(rng.choice(words) for _ in range(n)))
+    cfg = wikitext.WikiConfig(**{**wikitext.PRESETS["tiny"], "tokenizer": "bytes", "data": str(tmp_path / "d"),
+                                 "cache_dir": str(tmp_path / "cache"), "block_size": 32, "batch_size": 16,
+                                 "micro_batch": 16, "max_steps": 150, "eval_every": 50, "eval_seqs": 16,
+                                 "lr": 3e-3, "t0": 0.2, "t1": 0.5})
+    summary, _ = wikitext.train(cfg, str(tmp_path / "run"), quiet=True)
+    assert summary["unigram_entropy"] == pytest.approx(wikitext.unigram_entropy(
+        np.frombuffer((tmp_path / "d" / "train.txt").read_bytes(), dtype=np.uint8)), rel=1e-9)
+    assert summary["test_loss"] < summary["unigram_entropy"] - 0.5, summary
+    assert summary["left_plateau_at"] in (50, 100, 150)
