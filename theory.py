@@ -446,8 +446,9 @@ def default_out_dir(a):
     """out/theory/n<n>k<k>[_U<t0>-<t1>][_<corpus>_<tokenizer>]: each command of the README a folder of its own."""
     interval = None if (a.t0, a.t1) == (0.0, 0.246) else f"U{a.t0:g}-{a.t1:g}"
     corpus = os.path.basename(os.path.normpath(a.corpus)) if a.corpus else None
+    order = f"order{a.max_order}" if a.corpus and a.max_order != 6 else None
     return os.path.join("out", "theory", "_".join(str(p) for p in (f"n{a.n}k{a.k}", interval, corpus,
-                                                                   a.tokenizer if a.corpus else None) if p))
+                                                                   a.tokenizer if a.corpus else None, order) if p))
 
 
 def main(argv=None):
@@ -463,6 +464,8 @@ def main(argv=None):
     p.add_argument("--tokenizer", default="gpt2", help="the corpus's tokens: gpt2 (tiktoken's BPE) | bytes "
                                                        "(%(default)s)")
     p.add_argument("--tokenizer-file", default=None, help="local gpt2.tiktoken rank file (no download)")
+    p.add_argument("--max-order", type=int, default=6, help="--corpus: the longest n-gram weighed, w_2..w_N (F.4: 6) "
+                                                             "(%(default)s)")
     p.add_argument("--draws", type=int, default=400_000, help="Monte Carlo draws per estimate")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws (%(default)s)")
     p.add_argument("--out-dir", default=None, help="table, summary.json and plots (default: out/theory/ and a "
@@ -476,6 +479,8 @@ def main(argv=None):
         check_interval(a.t0, a.t1)
         check_delta(a.delta)
     cli.check_positive(draws=a.draws)
+    if a.max_order < 2:
+        raise cli.UserError(f"--max-order must be at least 2 (w_2 is the first weight), got {a.max_order}")
     if a.draws > MAX_DRAWS:        # the Monte Carlo holds draws x (n + 1) masks in memory
         raise cli.UserError(f"--draws {a.draws:,} is more than this script holds in memory; at most {MAX_DRAWS:,}")
     cli.check_seed(a.seed)
@@ -489,9 +494,10 @@ def main(argv=None):
         if a.corpus:
             ids = corpus.corpus_ids(a.corpus, a.tokenizer, a.tokenizer_file)
             with cli.user_input():
-                corpus_weights, H = ngram_weights(ids)
-            print(f"corpus {a.corpus}: {len(ids):,} {a.tokenizer} tokens; H_1..H_6 = {', '.join(f'{h:.3f}' for h in H)} "
-                  f"nats; w_2..w_6 = {', '.join(f'{w:.4f}' for w in corpus_weights.values())}")
+                corpus_weights, H = ngram_weights(ids, max_order=a.max_order)
+            print(f"corpus {a.corpus}: {len(ids):,} {a.tokenizer} tokens; H_1..H_{a.max_order} = "
+                  f"{', '.join(f'{h:.3f}' for h in H)} nats; w_2..w_{a.max_order} = "
+                  f"{', '.join(f'{w:.4f}' for w in corpus_weights.values())}")
         rows = table_rows(a.n, a.k, a.delta, a.t0, a.t1, a.draws, a.seed, corpus_weights)
         energies = dict(zip(FIG2_T1 + (0.05, 0.6), energy_curve(a.n, a.k, FIG2_T1 + (0.05, 0.6), a.seed)))
         for b in sorted(energies):

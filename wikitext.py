@@ -100,7 +100,6 @@ PRESETS["bytes"] = dict(model="bytes", tokenizer="bytes", dataset="wikitext-2", 
 
 SCRIPT = "wikitext.py"
 PLATEAU_MARGIN = 0.1        # a run has left the unigram plateau at its first test loss this far below H_1
-SWEEP = [(round(i / 10, 1), round((i + 1) / 10, 1)) for i in range(10)] + [(0.0, 1.0)]
 EVAL_SEED = 1234            # the test loss's masks: one generator seeded so, every run and every evaluation alike
 DATA_SEED_STRIDE = 1000     # rank r of a run seeded s draws batches from s * stride + 2r, masks from s * stride + 2r + 1
 BOOKKEEPING = ("log_every", "ckpt_every", "cache_dir")
@@ -188,23 +187,23 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
             opt.step()
             opt.zero_grad(set_to_none=True)
             # -----------------------------------------------------------------------------
-            done = step + 1
+            steps_done = step + 1
             window.append(loss)
-            if done % cfg.log_every == 0 or done == max_steps:
+            if steps_done % cfg.log_every == 0 or steps_done == max_steps:
                 tok_s = len(window) * cfg.batch_size * cfg.block_size / (time.time() - t_log)
                 flops = model.flops_per_token(cfg.block_size, masked_share.item() if cfg.masked_head else 1)
                 mfu = model_lib.estimate_mfu(flops, tok_s, model_lib.device_peak_flops(device))
-                run.log(f"step {done:5d} | loss {sum(window) / len(window):.4f} (in-window) | lr {lr:.2e} | "
+                run.log(f"step {steps_done:5d} | loss {sum(window) / len(window):.4f} (in-window) | lr {lr:.2e} | "
                         f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") +
-                        f" | {run.eta(done, max_steps)}",
-                        step=done, train_loss=sum(window) / len(window), tokens_per_sec=tok_s, seconds=run.seconds())
+                        f" | {run.eta(steps_done, max_steps)}",
+                        step=steps_done, train_loss=sum(window) / len(window), tokens_per_sec=tok_s, seconds=run.seconds())
                 window, t_log = [], time.time()
-            if done % cfg.eval_every == 0 or done == max_steps:
+            if steps_done % cfg.eval_every == 0 or steps_done == max_steps:
                 test_loss, bins = evaluate(model, test_seqs, cfg, device)
-                run.log(f"step {done:5d} | test loss {test_loss:.4f} (full-range bound, nats/token)",
-                        step=done, test_loss=test_loss, test_loss_bins=bins)
-            if done % cfg.ckpt_every == 0 or done == max_steps:
-                run.save(done, model=model, opt=opt, data_gen=data_gen, mask_gen=mask_gen)
+                run.log(f"step {steps_done:5d} | test loss {test_loss:.4f} (full-range bound, nats/token)",
+                        step=steps_done, test_loss=test_loss, test_loss_bins=bins)
+            if steps_done % cfg.ckpt_every == 0 or steps_done == max_steps:
+                run.save(steps_done, model=model, opt=opt, data_gen=data_gen, mask_gen=mask_gen)
         return run.finish(summarize(cfg, run.history, model, run.seconds(), unigram)), run.history
 
 

@@ -143,12 +143,19 @@ class Collection:
         starts, unless --allow-change names the settings (the job then extends it: fn resumes it)."""
         self.check([(job[1], asdict(job[0]), inputs(job[0]) if inputs else {}) for job in jobs], ignore,
                    allow_change)
-        todo = [job for job in jobs if not os.path.exists(os.path.join(job[1], "summary.json")) or
-                not runs.same_settings(runs.finished_summary(job[1])["settings"], asdict(job[0]), ignore)]
+        todo = [job for job in jobs if not self.holds_finished(job[1], asdict(job[0]), ignore)]
         devices = devices_for(device, workers)
         print(f"{self.kind}: {len(jobs)} runs ({len(jobs) - len(todo)} already done), {len(devices)} at a time",
               flush=True)
         run_jobs(fn, todo, devices, on_result)
+
+    def holds_finished(self, run_dir, settings, ignore):
+        """A finished run with these settings (a summary without settings counts as finished: never
+        retrained, nothing written over)."""
+        if not os.path.exists(os.path.join(run_dir, "summary.json")):
+            return False
+        done = runs.finished_summary(run_dir)
+        return done is None or runs.same_settings(done["settings"], settings, ignore)
 
     def check(self, planned, ignore=(), allow_change=()):
         """Every planned (run folder, settings, inputs' fingerprints) that holds a finished run must hold it
