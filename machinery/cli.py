@@ -152,15 +152,6 @@ def settings(a, cls, presets):
     return cls(**values)
 
 
-def run_name(*parts):
-    """A folder name from a run's defining settings: 'md', 'U0-0.246', 'n20k6', 's0' -> md_U0-0.246_n20k6_s0."""
-    return "_".join(str(p) for p in parts if p not in (None, ""))
-
-
-def interval_name(t0, t1):
-    return f"U{t0:g}-{t1:g}"
-
-
 # ----------------------------------------------------------------------------- checks at the edge
 
 def check_positive(**sizes):

@@ -22,11 +22,6 @@ def lr_at(step, lr, *, warmup=0, max_steps=1, schedule="constant", min_lr=0.0, d
     return lr + frac * (min_lr - lr)
 
 
-def set_lr(opt, lr):
-    for group in opt.param_groups:
-        group["lr"] = lr
-
-
 def clip_gradients(parameters, max_norm):
     """The global gradient norm, the gradients clipped to max_norm; max_norm 0 means never (the
     norm is still measured: clip_grad_norm_ itself would multiply every gradient by 0)."""

@@ -853,17 +853,23 @@ def test_no_checkpoint_with_non_finite_weights_is_written_or_resumed(tmp_path):
 
 def test_pretraining_that_blows_up_keeps_only_finite_checkpoints(tmp_path):
     """31.2: --lr inf was accepted, its checkpoint of 37 non-finite tensors named "the last complete
-    checkpoint", and --resume from it failed again. A rate that blows up now stops the run in one line
-    before a non-finite checkpoint is written: the last one resumes (with a sane rate) and trains on."""
+    checkpoint", and --resume from it failed again. A rate whose update overflows float32 now stops the run
+    in one line before the non-finite weights are saved: the last finite checkpoint is the one named, and it
+    resumes (with a sane rate) and trains on."""
+    run = tmp_path / "run"
     data = docs_file(tmp_path / "docs.jsonl")
-    args = tiny_pretrain(data, tmp_path / "run", "--max-steps", "6", "--save-every", "1", "--log-every", "1",
-                         "--grad-clip", "0", "--schedule", "constant")
-    msg = script_error("pretrain_8b.py", [*args, "--lr", "1e30"])
-    assert "the training loss became" in msg or "the weights hold NaN or inf" in msg, msg
-    assert fsdp_checkpoints(tmp_path / "run")
-    r = run_script("pretrain_8b.py", [*args, "--lr", "1e-3", "--resume", "--allow-change", "lr"], ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 6
+    args = tiny_pretrain(data, run, "--save-every", "1", "--log-every", "1", "--grad-clip", "0",
+                         "--schedule", "constant")
+    first = run_script("pretrain_8b.py", [*args, "--max-steps", "3"], ROOT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run / "summary.json").unlink()
+    longer = [*args, "--max-steps", "6", "--resume"]
+    msg = script_error("pretrain_8b.py", [*longer, "--lr", "1e39", "--allow-change", "lr", "max_steps"])
+    assert "the weights hold NaN or inf at step 4" in msg and "step_0000003" in msg, msg
+    assert max(os.path.basename(d) for d in fsdp_checkpoints(run)) == "step_0000003"     # step 4 not saved
+    again = run_script("pretrain_8b.py", [*longer, "--allow-change", "max_steps"], ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.load(open(run / "summary.json"))["steps"] == 6
 
 
 def test_a_resume_that_would_train_nothing_is_refused(tmp_path):
