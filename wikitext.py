@@ -91,9 +91,9 @@ PRESETS = {
                  log_every=5),
 }
 
-# WikiText-2's validation text as raw bytes on a laptop CPU (README "WikiText on bytes"): 3 blocks of
-# width 128 (0.66 M parameters) on windows of 64 bytes, 32 a step, 3,000 steps (5.4 passes over the
-# 1.1 MB); nanoGPT's recipe otherwise (cosine from 2e-3, clipping at 1). ~3.5 minutes on 2 CPU threads.
+# WikiText-2's validation text as raw bytes on a laptop CPU (docs/wikitext.md, "WikiText as raw bytes"):
+# 3 blocks of width 128 (0.66 M parameters) on windows of 64 bytes, 32 a step, 3,000 steps (5.4 passes
+# over the 1.1 MB); nanoGPT's recipe otherwise (cosine from 2e-3, clipping at 1). 4 minutes on 2 CPU threads.
 PRESETS["bytes"] = dict(model="bytes", tokenizer="bytes", dataset="wikitext-2", train_split="valid", block_size=64,
                         batch_size=32, micro_batch=32, max_steps=3000, lr=2e-3, min_lr=2e-4, warmup=100,
                         eval_every=250, eval_seqs=128, eval_draws=8, ckpt_every=500, log_every=100)
