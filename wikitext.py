@@ -168,7 +168,7 @@ def train(cfg, out_dir, *, device="cpu", resume=False, compile_model=False, dry_
                 x0 = get_batch(train_tokens, cfg.micro_batch, cfg.block_size, data_gen).to(device)
                 if world > 1:                           # DDP reduces the gradients once, after the last
                     ddp.require_backward_grad_sync = micro == accum - 1
-                with autocast(device):                  # t ~ U[t0, t1], masks, forward, the 1/t-weighted CE
+                with autocast(device):                  # t (U[t0, t1] or --t-dist), masks, forward, 1/t-weighted CE
                     micro_loss, masked = masking.md_step_loss(ddp, x0, model.cfg.mask_id, cfg.t0, cfg.t1,
                                                               generator=mask_gen, stratified=cfg.stratified_t,
                                                               masked_head=cfg.masked_head, ce_fn=ce, dist=cfg.t_dist,
